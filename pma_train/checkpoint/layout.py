@@ -1,0 +1,133 @@
+"""Megatron-LM's checkpoint directory layout, atomic publishing, and completeness checks.
+
+`<root>/iter_0000100/` holds one torch_dist checkpoint; `<root>/latest_checkpointed_iteration.txt`
+names the newest complete one. A checkpoint is written under a hidden temporary name and renamed
+into place only when every rank has finished, so a crash never leaves a checkpoint-looking
+directory behind. Pure filesystem code: the merge engine uses it too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or of an unexpected kind; the message names it."""
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def iteration_of(ckpt_dir: Path) -> int | None:
+    match = _ITER_DIR.match(Path(ckpt_dir).name)
+    return int(match.group(1)) if match else None
+
+
+def read_tracker(root: Path) -> int | None:
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError as err:
+        raise CheckpointError(f"{tracker} holds '{text}', not an iteration number") from err
+
+
+def write_tracker(root: Path, iteration: int) -> None:
+    tmp = Path(root) / f"{TMP_PREFIX}{TRACKER_FILE}.{uuid.uuid4().hex}"
+    tmp.write_text(f"{iteration}\n")
+    os.replace(tmp, Path(root) / TRACKER_FILE)
+
+
+def list_iterations(root: Path) -> list[int]:
+    """Iterations of the published checkpoints under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = (iteration_of(p) for p in root.iterdir() if p.is_dir())
+    return sorted(i for i in found if i is not None)
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    path = Path(path)
+    return (path / ".metadata").is_file() or (path / "metadata.json").is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """An iter_* directory from either itself or a checkpoint root (its latest)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if is_checkpoint_dir(path):
+        return path
+    latest = read_tracker(path)
+    if latest is None:
+        iterations = list_iterations(path)
+        if not iterations:
+            raise CheckpointError(f"{path} is neither a checkpoint directory nor a root holding one")
+        latest = iterations[-1]
+    ckpt = path / iter_dir_name(latest)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{path / TRACKER_FILE} names iteration {latest}, but {ckpt} does not exist")
+    return ckpt
+
+
+def verify_complete(ckpt_dir: str | Path) -> None:
+    """Raise CheckpointError unless every data file the DCP metadata references is present and whole."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt_dir} has no .metadata: not a torch_dist checkpoint, or truncated")
+    try:
+        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
+    except Exception as err:  # a corrupt pickle surfaces as many exception types
+        raise CheckpointError(f"{ckpt_dir / '.metadata'} cannot be read: {err}") from err
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = ckpt_dir / name
+        if not file.is_file():
+            raise CheckpointError(f"{ckpt_dir}: data file {name} is missing")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{ckpt_dir}: data file {name} is truncated "
+                                  f"({file.stat().st_size} of {size} bytes)")
+
+
+def temporary_dir(root: Path, iteration: int, token: str) -> Path:
+    return Path(root) / f"{TMP_PREFIX}{iter_dir_name(iteration)}.{token}"
+
+
+def publish(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a finished checkpoint into place; an older one of the same name is replaced, not lost first."""
+    final_dir = Path(final_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f"{TMP_PREFIX}replaced-{final_dir.name}.{uuid.uuid4().hex}")
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Drop leftovers of checkpoints that were being written when a job died."""
+    root = Path(root)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

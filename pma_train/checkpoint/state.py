@@ -1,0 +1,226 @@
+"""Save and load training state as Megatron-LM compatible torch_dist checkpoints.
+
+Top-level keys follow Megatron-LM (`model` / `model0..`, `optimizer`, `opt_param_scheduler`,
+`rng_state`, `iteration`, `args`, `checkpoint_version`), so either trainer can read the other's
+checkpoints. Each rank reads and writes only its shards (megatron-core dist_checkpointing); loading
+under another TP / PP layout re-shards weights and the (fully reshardable) optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from argparse import Namespace
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from pma_train.checkpoint import layout
+from pma_train.checkpoint.layout import CheckpointError
+
+CHECKPOINT_VERSION = 3.0
+# What Megatron-LM passes when it builds sharded state dicts (see MEGATRON_ON_CPU.md).
+SHARDED_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+SIDE_CAR = "pma_train.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; recorded in every checkpoint (merges select checkpoints by tokens)."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _model_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict(metadata=SHARDED_METADATA)
+            for i, c in enumerate(chunks)}
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    # Sharded keys come from the bare model: the DDP wrapper would add 'module.'.
+    return getattr(chunk, "module", chunk)
+
+
+def _rng_sharded_object() -> ShardedObject:
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", [state], (pp, tp),
+                         (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _restore_rng(states: list[dict]) -> None:
+    state = states[0]
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def build_state_dict(chunks, optimizer, scheduler, train_state: TrainState, args: Namespace | None,
+                     is_loading: bool, with_rng: bool = True) -> dict:
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        if is_loading or not _optimizer_has_state(optimizer):
+            _init_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=SHARDED_METADATA)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = _rng_sharded_object()
+    state["iteration"] = train_state.iteration
+    state["checkpoint_version"] = CHECKPOINT_VERSION
+    state["pma_train"] = asdict(train_state)
+    state["num_floating_point_operations_so_far"] = 0
+    if args is not None:
+        state["args"] = args
+    return state
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    inner = [o.optimizer for o in _inner_optimizers(optimizer) if getattr(o, "optimizer", None) is not None]
+    return all(len(o.state) > 0 for o in inner)
+
+
+def _init_optimizer_state(optimizer) -> None:
+    # torch's Adam creates exp_avg / step lazily at its first step, but the sharded state dict
+    # needs them to exist (saving before any step, or loading into a fresh optimizer).
+    for inner in _inner_optimizers(optimizer):
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                state = torch_opt.state[param]
+                if len(state) == 0:
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
+                    args: Namespace | None = None, sidecar: dict | None = None) -> Path:
+    """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete."""
+    root = Path(root)
+    rank = dist.get_rank()
+    token = [uuid.uuid4().hex[:8] if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    tmp = layout.temporary_dir(root, train_state.iteration, token[0])
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    dist.barrier()
+    state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False)
+    dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
+    dist.barrier()
+    final = root / layout.iter_dir_name(train_state.iteration)
+    if rank == 0:
+        (tmp / SIDE_CAR).write_text(json.dumps({**asdict(train_state), **(sidecar or {})}, indent=2, default=str))
+        layout.verify_complete(tmp)
+        layout.publish(tmp, final)
+        layout.write_tracker(root, train_state.iteration)
+    dist.barrier()
+    return final
+
+
+def read_train_state(ckpt_dir: str | Path) -> TrainState:
+    """The TrainState of a checkpoint (ours, or Megatron-LM's from its args)."""
+    ckpt_dir = layout.resolve_checkpoint(ckpt_dir)
+    sidecar = Path(ckpt_dir) / SIDE_CAR
+    if sidecar.is_file():
+        data = json.loads(sidecar.read_text())
+        return TrainState(**{k: data[k] for k in ("iteration", "consumed_samples", "consumed_tokens")})
+    common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
+    if "pma_train" in common:
+        return TrainState(**common["pma_train"])
+    args = common.get("args")
+    samples = getattr(args, "consumed_train_samples", 0) if args is not None else 0
+    seq = getattr(args, "seq_length", 0) if args is not None else 0
+    return TrainState(iteration=int(common.get("iteration", 0)), consumed_samples=samples, consumed_tokens=samples * seq)
+
+
+def is_gpt_checkpoint(ckpt_dir: Path) -> bool:
+    """Megatron-LM GPTModel checkpoints stack layers under one key: decoder.layers.<name> (no index)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata.keys()
+    return any(k.startswith("decoder.layers.") and not k.split(".")[2].isdigit() for k in keys)
+
+
+def _retarget_to_gpt(model_state: dict, chunks) -> dict:
+    from megatron.core.dist_checkpointing.gpt_checkpoint_interop import (
+        gpt_compatible_layer_maps,
+        retarget_sharded_state_dict_to_gpt_checkpoint,
+    )
+
+    pattern = _unwrap(chunks[0]).hybrid_layer_pattern.replace("|", "")
+    maps = gpt_compatible_layer_maps(pattern)
+    return {k: retarget_sharded_state_dict_to_gpt_checkpoint(v, maps) for k, v in model_state.items()}
+
+
+def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
+                    same_layout_rng: bool = True) -> TrainState:
+    """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
+    ckpt = layout.resolve_checkpoint(path)
+    layout.verify_complete(ckpt)
+    common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    gpt = is_gpt_checkpoint(ckpt)
+    if gpt and optimizer is not None:
+        raise CheckpointError(f"{ckpt} is a GPTModel checkpoint: load it with checkpoint.init_from "
+                              "(weights only); its optimizer state is keyed for GPTModel")
+    with_rng = same_layout_rng and _same_layout(common.get("args"))
+    train_state = read_train_state(ckpt)
+    state = build_state_dict(chunks, optimizer, scheduler, train_state, None, is_loading=True, with_rng=with_rng)
+    for key in ("iteration", "checkpoint_version", "pma_train", "num_floating_point_operations_so_far"):
+        state.pop(key)
+    if scheduler is None:
+        state.pop("opt_param_scheduler", None)
+    if gpt:
+        state.update(_retarget_to_gpt({k: v for k, v in state.items() if k.startswith("model")}, chunks))
+    loaded = dist_checkpointing.load(state, str(ckpt))
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in common:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if with_rng and "rng_state" in loaded:
+        _restore_rng(loaded["rng_state"])
+    return train_state
+
+
+def _same_layout(args: Namespace | None) -> bool:
+    if args is None:
+        return False
+    return (getattr(args, "tensor_model_parallel_size", None) == parallel_state.get_tensor_model_parallel_world_size()
+            and getattr(args, "pipeline_model_parallel_size", None) == parallel_state.get_pipeline_model_parallel_world_size())

@@ -1,0 +1,29 @@
+"""Shared set-up of the hydra entry points: schema registration and model presets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from pma_train.config import JobConfig
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def model_configs_dir() -> Path:
+    """model_configs/ of the repo (or $PMA_MODEL_CONFIGS)."""
+    env = os.environ.get("PMA_MODEL_CONFIGS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "model_configs"
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="job_schema", node=JobConfig)
+    directory = model_configs_dir()
+    for path in sorted(directory.glob("*.yaml")):
+        store.store(group="model", name=path.stem, node=OmegaConf.load(path))

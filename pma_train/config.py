@@ -1,0 +1,304 @@
+"""Typed configuration of a pma-train job, and its validation.
+
+Hydra composes these dataclasses with the YAML files in `pma_train/conf/` and `model_configs/`.
+`validate()` runs before any process group or model exists and raises `ConfigError` naming the
+offending field. This module imports nothing of the trainer, the model or megatron-core.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A dense transformer block is one attention layer ('*') and one MLP layer ('-').
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = 2  # GQA; None = multi-head attention
+    kv_channels: Optional[int] = None
+    # Explicit hybrid layer pattern (e.g. "*-*-" dense, "*E*E" MoE). Empty = "*-" * num_layers.
+    layer_pattern: str = ""
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: str = "swiglu"
+    add_bias_linear: bool = False
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    max_position_embeddings: int = 4096
+    untie_embeddings_and_output_weights: bool = True
+    # The vocabulary is padded to a multiple of this (independent of TP, so shapes never change).
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # MoE (used by 'E' layers of the pattern)
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 1e-2
+    moe_z_loss_coeff: Optional[float] = None
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+    moe_capacity_factor: Optional[float] = None
+    moe_router_load_balancing_type: str = "aux_loss"
+    # Free text: how the parameter count of a preset comes out.
+    notes: str = ""
+
+    def pattern(self) -> str:
+        return self.layer_pattern or "*-" * self.num_layers
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B); None = not interleaved.
+    vpp: Optional[int] = None
+    ep: int = 1
+    # Sequence parallel with TP > 1 (Megatron-LM's usual setting). Ignored at TP = 1.
+    sequence_parallel: bool = True
+    use_distributed_optimizer: bool = True
+    # Override the automatic choice: "nccl" on CUDA hosts, "gloo" elsewhere.
+    backend: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seq_length: int = 128
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    # "auto" = bf16 on GPUs, fp32 on CPU.
+    precision: str = "auto"
+    eval_interval: int = 100
+    eval_iters: int = 8
+    log_interval: int = 10
+    # Stop after this many iterations of this process (for tests of resume); None = run to iters.
+    exit_after_iters: Optional[int] = None
+
+
+@dataclass
+class ScheduleConfig:
+    # constant | wsd | cosine
+    name: str = "constant"
+    warmup_iters: int = 20
+    # WSD decay: shape linear | cosine | 1-sqrt | exponential; length as a fraction of train.iters,
+    # or an explicit number of iterations or tokens (the first one set wins: tokens, iters, fraction).
+    decay_shape: str = "1-sqrt"
+    decay_fraction: float = 0.2
+    decay_iters: Optional[int] = None
+    decay_tokens: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # Checkpoint root (Megatron-LM layout: <dir>/iter_0000100/, latest_checkpointed_iteration.txt).
+    dir: str = "${run.dir}/checkpoints"
+    interval: int = 100
+    save_optimizer: bool = True
+    save_at_end: bool = True
+    # Resume from this root (its latest) or an iter_* directory. Default: auto-resume from `dir`.
+    load: Optional[str] = None
+    # Initialise the model weights only (fresh optimizer, iteration 0) from a checkpoint root or
+    # iter_* directory. A Megatron-LM GPTModel checkpoint works too.
+    init_from: Optional[str] = None
+    # Load the model only when resuming (optimizer re-initialised).
+    no_load_optim: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    # byte | huggingface
+    type: str = "byte"
+    # tokenizer.json of a Hugging Face tokenizer (local file, never downloaded)
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # Indexed dataset prefixes (path/to/name for name.bin + name.idx). Empty = built-in corpus.
+    paths: list[str] = field(default_factory=list)
+    # Blending weights, one per path (empty = equal).
+    weights: list[float] = field(default_factory=list)
+    # train,valid,test split of every dataset, as Megatron-LM writes it.
+    split: str = "949,50,1"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Where prepared data (built-in corpus, dataset index caches) goes.
+    cache_dir: str = "${oc.env:PMA_CACHE_DIR,${oc.env:HOME}/.cache/pma-train}"
+    num_workers: int = 0
+
+
+@dataclass
+class WandbConfig:
+    # disabled | offline | online
+    mode: str = "disabled"
+    project: str = "pma-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${model.name}-${now:%Y%m%d-%H%M%S}"
+    name: str = "${model.name}"
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 1234
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """An OmegaConf node (or a JobConfig) as a plain JobConfig object with resolved values."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, JobConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+# ----------------------------------------------------------------------------- validation
+
+_DENSE_SYMBOLS = set("*-")
+_PATTERN_SYMBOLS = set("*-E|")
+
+
+def _fail(field_name: str, message: str) -> None:
+    raise ConfigError(f"{field_name}: {message}")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
+    """Check that the job can run; raise ConfigError naming the first field that cannot."""
+    world_size = world_size_from_env() if world_size is None else world_size
+    m, p, t, s = cfg.model, cfg.parallel, cfg.train, cfg.schedule
+
+    for name in ("tp", "pp", "ep"):
+        if getattr(p, name) < 1:
+            _fail(f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    pattern = m.pattern().replace("|", "")
+    if not pattern or set(pattern) - _PATTERN_SYMBOLS:
+        _fail("model.layer_pattern", f"'{m.pattern()}' may only use the symbols * - E |")
+    if "E" in pattern and not m.num_experts:
+        _fail("model.num_experts", "the layer pattern has MoE layers ('E') but num_experts is not set")
+    if m.num_attention_heads % p.tp:
+        _fail("parallel.tp", f"{p.tp} does not divide model.num_attention_heads={m.num_attention_heads}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % groups:
+        _fail("model.num_query_groups", f"{groups} does not divide num_attention_heads={m.num_attention_heads}")
+    if groups % p.tp:
+        _fail("parallel.tp", f"{p.tp} does not divide model.num_query_groups={groups}")
+    if m.make_vocab_size_divisible_by % p.tp:
+        _fail("parallel.tp", f"{p.tp} does not divide model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by}")
+    if m.ffn_hidden_size % p.tp:
+        _fail("parallel.tp", f"{p.tp} does not divide model.ffn_hidden_size={m.ffn_hidden_size}")
+    if m.num_experts and m.num_experts % p.ep:
+        _fail("parallel.ep", f"{p.ep} does not divide model.num_experts={m.num_experts}")
+    if p.ep > 1 and not m.num_experts:
+        _fail("parallel.ep", f"{p.ep} > 1 needs an MoE model (model.num_experts is not set)")
+
+    stages = p.pp * (p.vpp or 1)
+    if "|" in m.pattern():
+        if m.pattern().count("|") + 1 != p.pp:
+            _fail("parallel.pp", f"{p.pp} does not match the {m.pattern().count('|') + 1} stages marked in the layer pattern")
+    elif len(pattern) % (2 * stages) and len(pattern) % stages:
+        _fail("parallel.pp", f"pp*vpp={stages} does not divide the {len(pattern)} layers of '{pattern}'")
+    if p.vpp is not None and (p.vpp < 2 or p.pp < 2):
+        _fail("parallel.vpp", f"interleaving needs vpp >= 2 and pp >= 2 (vpp={p.vpp}, pp={p.pp})")
+
+    model_parallel = p.tp * p.pp
+    if world_size % model_parallel:
+        _fail("parallel", f"world size {world_size} is not a multiple of tp*pp={model_parallel}")
+    dp = world_size // model_parallel
+    if p.ep > 1 and (dp * p.tp) % (p.ep * p.tp) and dp % p.ep:
+        _fail("parallel.ep", f"{p.ep} does not divide the data-parallel size {dp}")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        _fail("train.global_batch_size", "batch sizes must be >= 1")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        _fail("train.global_batch_size",
+              f"{t.global_batch_size} is not a multiple of micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+    if p.vpp and (t.global_batch_size // (t.micro_batch_size * dp)) % p.pp:
+        _fail("train.global_batch_size", f"interleaved PP needs the number of micro-batches to be a multiple of pp={p.pp}")
+    if t.iters < 1:
+        _fail("train.iters", f"must be >= 1, got {t.iters}")
+    if t.seq_length < 2:
+        _fail("train.seq_length", f"must be >= 2, got {t.seq_length}")
+    if m.position_embedding_type == "learned_absolute" and t.seq_length > m.max_position_embeddings:
+        _fail("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        _fail("train.lr", f"must be a positive number, got {t.lr}")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        _fail("train.precision", f"'{t.precision}' is not one of auto, fp32, bf16, fp16")
+
+    if s.name not in ("constant", "wsd", "cosine"):
+        _fail("schedule.name", f"'{s.name}' is not one of constant, wsd, cosine")
+    if s.warmup_iters < 0 or s.warmup_iters >= t.iters + (1 if s.name == "constant" else 0):
+        _fail("schedule.warmup_iters", f"{s.warmup_iters} must be in [0, train.iters={t.iters})")
+    if s.name == "wsd":
+        if s.decay_shape not in ("linear", "cosine", "1-sqrt", "exponential"):
+            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt, exponential")
+        if not 0.0 < s.decay_fraction <= 1.0:
+            _fail("schedule.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")
+
+    if cfg.checkpoint.interval < 1:
+        _fail("checkpoint.interval", f"must be >= 1, got {cfg.checkpoint.interval}")
+    for name in ("load", "init_from"):
+        path = getattr(cfg.checkpoint, name)
+        if path is not None and not Path(path).exists():
+            _fail(f"checkpoint.{name}", f"{path} does not exist")
+
+    d = cfg.data
+    for prefix in d.paths:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                _fail("data.paths", f"{prefix + suffix} does not exist (give dataset prefixes, without .bin/.idx)")
+    if d.weights and len(d.weights) != len(d.paths):
+        _fail("data.weights", f"{len(d.weights)} weights for {len(d.paths)} data.paths")
+    if any(not (w >= 0 and math.isfinite(w)) for w in d.weights) or (d.weights and sum(d.weights) <= 0):
+        _fail("data.weights", f"must be finite, non-negative and not all zero: {d.weights}")
+    if d.tokenizer.type not in ("byte", "huggingface"):
+        _fail("data.tokenizer.type", f"'{d.tokenizer.type}' is not one of byte, huggingface")
+    if d.tokenizer.type == "huggingface":
+        if not d.tokenizer.path or not Path(d.tokenizer.path).is_file():
+            _fail("data.tokenizer.path", f"a local tokenizer.json is required, got {d.tokenizer.path}")
+    if cfg.logging.wandb.mode not in ("disabled", "offline", "online"):
+        _fail("logging.wandb.mode", f"'{cfg.logging.wandb.mode}' is not one of disabled, offline, online")

@@ -1,0 +1,121 @@
+"""Build megatron-core's HybridModel (one chunk per virtual pipeline stage) from a ModelConfig."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer import TransformerConfig
+
+from pma_train.config import JobConfig, ModelConfig
+from pma_train.model.init import initialise_layout_invariant
+from pma_train.model.spec import have_transformer_engine, local_stack_spec, te_stack_spec
+from pma_train.platform import Platform
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Pad independently of TP (unlike Megatron-LM) so checkpoints keep one shape across layouts."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def staged_pattern(model: ModelConfig, stages: int) -> str:
+    """The layer pattern with '|' between pipeline (and virtual pipeline) stages."""
+    pattern = model.pattern()
+    if "|" in pattern or stages == 1:
+        return pattern
+    per_stage = len(pattern) // stages
+    return "|".join(pattern[i * per_stage:(i + 1) * per_stage] for i in range(stages))
+
+
+def params_dtype(cfg: JobConfig, platform: Platform) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if platform.is_cuda else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def transformer_config(cfg: JobConfig, platform: Platform) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    dtype = params_dtype(cfg, platform)
+    moe = {}
+    if m.num_experts:
+        moe = dict(
+            num_moe_experts=m.num_experts,
+            moe_router_topk=m.moe_router_topk,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or m.ffn_hidden_size,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_z_loss_coeff=m.moe_z_loss_coeff,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_grouped_gemm=m.moe_grouped_gemm and platform.is_cuda,
+            moe_expert_capacity_factor=m.moe_capacity_factor,
+            moe_router_load_balancing_type=m.moe_router_load_balancing_type,
+        )
+    return TransformerConfig(
+        num_layers=len(m.pattern().replace("|", "")),
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        is_hybrid_model=True,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        sequence_parallel=p.sequence_parallel and p.tp > 1,
+        expert_model_parallel_size=p.ep,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=True,
+        # gloo pairs batched p2p ops wrongly when both neighbours are one peer (interleaved PP).
+        batch_p2p_comm=platform.backend != "gloo",
+        # Fused kernels need TE / apex / CUDA.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        **moe,
+    )
+
+
+def build_model(cfg: JobConfig, platform: Platform, vocab_size: int) -> list[HybridModel]:
+    """Model chunks of this rank (one, or one per virtual stage), initialised layout-invariantly."""
+    config = transformer_config(cfg, platform)
+    use_te = platform.is_cuda and have_transformer_engine()
+    spec = te_stack_spec() if use_te else local_stack_spec(cfg.model.num_experts, config.moe_grouped_gemm)
+    vpp = cfg.parallel.vpp
+    pattern = staged_pattern(cfg.model, cfg.parallel.pp * (vpp or 1))
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunk = HybridModel(
+            config=config,
+            hybrid_stack_spec=spec,
+            vocab_size=padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
+            max_sequence_length=cfg.train.seq_length,
+            hybrid_layer_pattern=pattern,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type=cfg.model.position_embedding_type,
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=stage,
+        )
+        chunk.to(platform.device)
+        initialise_layout_invariant(chunk, cfg.seed, config)
+        chunks.append(chunk)
+    return chunks

@@ -1,0 +1,69 @@
+"""Layer specs for HybridModel: Transformer Engine's on GPUs, megatron-core's local modules elsewhere."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import (
+    MoETransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from pma_train.model.norm import LocalNorm
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def te_stack_spec() -> ModuleSpec:
+    from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
+
+    return hybrid_stack_spec
+
+
+def local_stack_spec(num_experts: int | None = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
+    """A HybridStack spec from the local GPT layer's pieces, split into attention / MLP / MoE layers.
+
+    The keys maps make checkpoint keys equal to the TE spec's (whose norms are fused into the
+    next linear), so CPU-written and GPU-written checkpoints interchange.
+    """
+    dense = get_gpt_layer_local_submodules(normalization="RMSNorm")
+    attention_layer = ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=LocalNorm,
+            self_attention=dense.self_attention,
+            self_attn_bda=dense.self_attn_bda,
+            sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
+        ),
+    )
+    mlp_layer = ModuleSpec(
+        module=MLPLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=LocalNorm,
+            mlp=dense.mlp,
+            mlp_bda=dense.mlp_bda,
+            sharded_state_dict_keys_map={"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"},
+        ),
+    )
+    moe_layer = None
+    if num_experts:
+        moe = get_gpt_layer_local_submodules(num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm,
+                                             normalization="RMSNorm")
+        # The TE spec keeps a separate pre-MLP norm in MoE layers: no keys map.
+        moe_layer = ModuleSpec(
+            module=MoETransformerLayer,
+            submodules=TransformerLayerSubmodules(pre_mlp_layernorm=LocalNorm, mlp=moe.mlp, mlp_bda=moe.mlp_bda),
+        )
+    submodules = HybridStackSubmodules(attention_layer=attention_layer, mlp_layer=mlp_layer)
+    if moe_layer is not None:
+        submodules.moe_layer = moe_layer
+    return ModuleSpec(module=HybridStack, submodules=submodules)

@@ -1,0 +1,54 @@
+"""Process groups: torch.distributed + megatron-core's model-parallel state, and RNG seeding."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from pma_train.config import ParallelConfig
+from pma_train.platform import Platform
+
+
+def init_distributed(parallel: ParallelConfig, platform: Platform, seed: int) -> None:
+    """Start (or reuse) the default process group and megatron-core's parallel groups."""
+    if not dist.is_initialized():
+        # A single process without torchrun still needs a process group for megatron-core.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend=platform.backend, timeout=timedelta(minutes=30),
+                                device_id=platform.device if platform.is_cuda else None)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        expert_model_parallel_size=parallel.ep,
+    )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    # Same seed on every rank: data order and layout-invariant init depend on it only.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,195 @@
+"""Device and backend selection; on hosts without CUDA, a layer that lets megatron-core run on CPU.
+
+megatron-core assumes CUDA in many small places (hard-coded `device="cuda"`, `torch.cuda.*`
+calls, an RNG tracker driving the CUDA generator). On a CPU-only host we adapt around those
+assumptions at run time, without touching megatron-core's files. Nothing here is installed
+when a GPU is present. See shared/MEGATRON_ON_CPU.md for the measured traps each part covers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+@dataclass(frozen=True)
+class Platform:
+    device: torch.device
+    backend: str
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def detect(backend: str | None = None) -> Platform:
+    """nccl + the local GPU on CUDA hosts; gloo + CPU (with the compatibility layer) elsewhere."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return Platform(torch.device("cuda", local_rank), backend or "nccl")
+    install_cpu_compat()
+    return Platform(torch.device("cpu"), backend or "gloo")
+
+
+def _is_cuda_device(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value.startswith("cuda")
+    # A bare int means a CUDA ordinal to torch factories (e.g. torch.cuda.current_device()).
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to the CPU and drops pinned memory."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and args:
+            args = tuple("cpu" if i > 0 and _is_cuda_device(a) and not isinstance(a, int) else a
+                         for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+class _FakeStream:
+    """Stands in for torch.cuda.Stream / Event: every operation is already synchronous on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def query(self) -> bool:
+        return True
+
+
+def _set_cpu_rng_state(state, device=None):
+    torch.default_generator.set_state(state)
+
+
+def _seed_cpu_generator(seed, *args, **kwargs):
+    # Never torch.manual_seed here: it calls torch.cuda.manual_seed_all, i.e. this function.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    # The "CUDA" generator is the CPU default generator, so megatron's RNG tracker forks the
+    # generator that CPU dropout really draws from.
+    rng = {
+        "get_rng_state": lambda device="cuda": torch.default_generator.get_state(),
+        "get_rng_state_all": lambda: [torch.default_generator.get_state()],
+        "set_rng_state": _set_cpu_rng_state,
+        "set_rng_state_all": lambda states: _set_cpu_rng_state(states[0]),
+        "manual_seed": _seed_cpu_generator,
+        "manual_seed_all": _seed_cpu_generator,
+        "seed": lambda: torch.default_generator.seed(),
+        "initial_seed": lambda: torch.default_generator.initial_seed(),
+    }
+    for name, fn in rng.items():
+        setattr(cuda, name, fn)
+        setattr(cuda.random, name, fn)
+    cuda.default_generators = (torch.default_generator,)
+    torch._C._cuda_setRNGState = lambda state: _set_cpu_rng_state(state)
+
+    noop = lambda *args, **kwargs: None  # noqa: E731
+    zero = lambda *args, **kwargs: 0  # noqa: E731
+    for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats",
+                 "reset_max_memory_allocated", "_lazy_init", "init"):
+        setattr(cuda, name, noop)
+    for name in ("current_device", "memory_allocated", "max_memory_allocated",
+                 "memory_reserved", "max_memory_reserved"):
+        setattr(cuda, name, zero)
+    cuda.Stream = _FakeStream
+    cuda.Event = _FakeStream
+    cuda.current_stream = lambda *args, **kwargs: _FakeStream()
+    cuda.default_stream = lambda *args, **kwargs: _FakeStream()
+    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.device = lambda *args, **kwargs: contextlib.nullcontext()
+    cuda.memory_stats = lambda *args, **kwargs: {}
+
+
+def _patch_tensor_methods() -> None:
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    plain_type = torch.Tensor.type
+
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        # megatron's optimizers compare param.type() with 'torch.cuda.FloatTensor'.
+        if dtype is None and not kwargs:
+            name = plain_type(self)
+            if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                name = name.replace("torch.", "torch.cuda.", 1)
+            return name
+        if isinstance(dtype, str):
+            dtype = dtype.replace("torch.cuda.", "torch.")
+        return plain_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = tensor_type
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mc_random
+
+    # torch.cuda._lazy_call only queues callbacks until CUDA initialises, which never happens
+    # here: the tracker's RNG states would silently never be set.
+    mc_random._lazy_call = lambda callback: callback()
+    mc_random.device_ctx_manager = lambda *args, **kwargs: contextlib.nullcontext()
+    # The tracker warns that the CPU RNG moved inside its fork; here that is by design.
+    logging.getLogger(mc_random.__name__).setLevel(logging.ERROR)
+
+    # HybridStack builds its final norm from TENorm whatever the spec says.
+    from megatron.core.models.hybrid import hybrid_block
+
+    from pma_train.model.norm import LocalNorm
+
+    hybrid_block.TENorm = LocalNorm
+
+    # gloo's all_to_all_single wants split sizes as lists; the MoE alltoall dispatcher passes tensors.
+    dist = torch.distributed
+    plain_all_to_all_single = dist.all_to_all_single
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        if isinstance(output_split_sizes, torch.Tensor):
+            output_split_sizes = output_split_sizes.tolist()
+        if isinstance(input_split_sizes, torch.Tensor):
+            input_split_sizes = input_split_sizes.tolist()
+        return plain_all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
+
+    dist.all_to_all_single = all_to_all_single
+
+
+def install_cpu_compat() -> None:
+    """Make megatron-core run on a CPU-only host. Idempotent; refuses on CUDA hosts."""
+    global _installed
+    if _installed:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the CPU compatibility layer must not be installed on a CUDA host")
+    _patch_torch_cuda()
+    _patch_tensor_methods()
+    _CudaToCpu().__enter__()
+    _patch_megatron()
+    _installed = True

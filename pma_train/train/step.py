@@ -1,0 +1,61 @@
+"""The forward step megatron-core's pipeline schedules call per micro-batch, and its loss."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+
+
+class DataTimer:
+    """Seconds spent waiting for batches inside the schedules (part of the step-time breakdown)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def pop(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    # (loss, tokens, reporting): the schedules divide by tokens and micro-batches for backward.
+    return loss_sum, num_tokens, {"lm_loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def make_forward_step(device: torch.device, data_timer: DataTimer):
+    def forward_step(data_iterator, model):
+        start = time.perf_counter()
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True)
+        data_timer.seconds += time.perf_counter() - start
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(_loss_func, loss_mask)
+
+    return forward_step
+
+
+def reduce_lm_loss(losses_reduced: list[dict], device: torch.device) -> tuple[float, float]:
+    """Mean loss per token over the global batch, on every rank.
+
+    Only the last pipeline stage holds losses, and its TP ranks hold the same value: those with
+    tp rank 0 contribute, everyone else adds zeros, and one all-reduce over the world sums the
+    data-parallel replicas.
+    """
+    from megatron.core import parallel_state
+    import torch.distributed as dist
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
+        for record in losses_reduced:
+            total += record["lm_loss"].to(total)
+    dist.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item(), total[1].item()

@@ -1,0 +1,228 @@
+"""The training loop: build everything, then step / log / evaluate / checkpoint until done."""
+
+from __future__ import annotations
+
+import time
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import OmegaConf
+
+from pma_train import platform as platform_mod
+from pma_train.checkpoint import layout
+from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
+from pma_train.config import JobConfig, validate
+from pma_train.data import EvalIterator, MicroBatchIterator, build_datasets, build_tokenizer
+from pma_train.metrics import MetricsLogger
+from pma_train.model import build_model
+from pma_train.parallel import init_distributed
+from pma_train.schedule import build_scheduler, scheduler_increment
+from pma_train.train.optim import build_optimizer, wrap_ddp
+from pma_train.train.step import DataTimer, make_forward_step, reduce_lm_loss
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    seconds: dict[str, float]
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        validate(cfg)  # before any process group: bad input fails fast and touches nothing
+        self.platform = platform_mod.detect(cfg.parallel.backend)
+        init_distributed(cfg.parallel, self.platform, cfg.seed)
+        self.cfg = cfg = _same_config_on_all_ranks(cfg)
+        self.rank0 = dist.get_rank() == 0
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir)
+        if self.rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            layout.remove_stale_temporaries(self.ckpt_root)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        chunks = build_model(cfg, self.platform, self.tokenizer.vocab_size)
+        self.model_config = chunks[0].config
+        self.model = wrap_ddp(chunks, self.model_config, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, self.model_config)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
+        self.tokens_per_iter = cfg.train.global_batch_size * cfg.train.seq_length
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train, self.tokens_per_iter)
+        self.state = self._load_initial_state()
+
+        t = cfg.train
+        self.train_ds, self.valid_ds = build_datasets(
+            cfg.data, self.tokenizer, t.seq_length, cfg.seed,
+            (t.iters * t.global_batch_size, t.eval_iters * t.global_batch_size))
+        self.data_timer = DataTimer()
+        self.forward_step = make_forward_step(self.platform.device, self.data_timer)
+        self.forward_backward = get_forward_backward_func()
+        self.train_iters = self._data_iterators(self.state.consumed_samples)
+        self.log = MetricsLogger(cfg, self.run_dir, t.iters, self.state.iteration, enabled=self.rank0)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _load_initial_state(self) -> TrainState:
+        c = self.cfg.checkpoint
+        resume_from = c.load or (self.ckpt_root if layout.list_iterations(self.ckpt_root) else None)
+        if resume_from is not None:
+            optimizer = None if c.no_load_optim else self.optimizer
+            return load_checkpoint(resume_from, self.model, optimizer, self.scheduler)
+        if c.init_from is not None:
+            load_checkpoint(c.init_from, self.model)
+        return TrainState()
+
+    def _data_iterators(self, consumed_samples: int):
+        dp_rank = parallel_state.get_data_parallel_rank()
+        make = lambda: MicroBatchIterator(self.train_ds, self.cfg.train.micro_batch_size,  # noqa: E731
+                                          dp_rank, self.dp_size, consumed_samples,
+                                          num_workers=self.cfg.data.num_workers)
+        # Each virtual pipeline chunk pulls its own copy of the same micro-batch sequence.
+        return [make() for _ in self.model] if len(self.model) > 1 else make()
+
+    def _eval_iterators(self):
+        dp_rank = parallel_state.get_data_parallel_rank()
+        make = lambda: iter(EvalIterator(self.valid_ds, self.cfg.train.micro_batch_size, dp_rank, self.dp_size))  # noqa: E731
+        return [make() for _ in self.model] if len(self.model) > 1 else make()
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.log.print(f"pma-train: {self._describe()}")
+        start_iter, start_time = self.state.iteration, time.perf_counter()
+        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        last_eval = None
+        stop_at = t.iters if t.exit_after_iters is None else min(t.iters, start_iter + t.exit_after_iters)
+        while self.state.iteration < stop_at:
+            step_start = time.perf_counter()
+            result = self.train_step()
+            window_loss += result.loss
+            window_steps += 1
+            window_time += time.perf_counter() - step_start
+            it = self.state.iteration
+            self.log.advance(1, loss=result.loss, lr=result.lr)
+            if it % t.log_interval == 0 or it == t.iters:
+                self.log.log(it, {
+                    "loss": window_loss / window_steps, "lr": result.lr, "grad_norm": result.grad_norm,
+                    "tokens_per_s": self.tokens_per_iter * window_steps / window_time,
+                    "step_s": window_time / window_steps, "consumed_tokens": self.state.consumed_tokens,
+                    **{f"time_{k}_s": v for k, v in result.seconds.items()},
+                })
+                window_loss, window_steps, window_time = 0.0, 0, 0.0
+            if it % t.eval_interval == 0 or it == t.iters:
+                last_eval = self.evaluate()
+                self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens}, kind="val")
+            if it % cfg.checkpoint.interval == 0 or (it == t.iters and cfg.checkpoint.save_at_end):
+                self.save()
+        elapsed = time.perf_counter() - start_time
+        summary = {"iterations": self.state.iteration - start_iter, "final_iteration": self.state.iteration,
+                   "val_loss": last_eval, "seconds": elapsed, "run_dir": str(self.run_dir)}
+        self.log.print(f"done: {summary['iterations']} iterations in {elapsed:.1f} s, "
+                       f"val loss {last_eval if last_eval is None else round(last_eval, 4)}, run dir {self.run_dir}")
+        self.log.close()
+        return summary
+
+    def train_step(self) -> StepResult:
+        t = self.cfg.train
+        seconds = {}
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(
+            forward_step_func=self.forward_step, data_iterator=self.train_iters, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False)
+        self._sync()
+        seconds["data"] = self.data_timer.pop()
+        seconds["fwd_bwd"] = time.perf_counter() - start - seconds["data"]
+        start = time.perf_counter()
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=scheduler_increment(t))
+        self._sync()
+        seconds["optimizer"] = time.perf_counter() - start
+        start = time.perf_counter()
+        loss, _ = reduce_lm_loss(losses, self.platform.device)
+        seconds["loss_reduce"] = time.perf_counter() - start
+        self.state.iteration += 1
+        self.state.consumed_samples += t.global_batch_size
+        self.state.consumed_tokens += self.tokens_per_iter
+        lr = self.optimizer.param_groups[0]["lr"]
+        return StepResult(loss, float(grad_norm or 0.0), lr, not updated, seconds)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for chunk in self.model:
+            chunk.eval()
+        iterators = self._eval_iterators()
+        records = []
+        for _ in range(self.cfg.train.eval_iters):
+            records += self.forward_backward(
+                forward_step_func=self.forward_step, data_iterator=iterators, model=self.model,
+                num_microbatches=self.num_microbatches, seq_length=self.cfg.train.seq_length,
+                micro_batch_size=self.cfg.train.micro_batch_size, forward_only=True)
+        self.data_timer.pop()
+        for chunk in self.model:
+            chunk.train()
+        return reduce_lm_loss(records, self.platform.device)[0]
+
+    def save(self) -> Path:
+        return save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,
+                               self.scheduler, self.state, megatron_args(self.cfg, self.state, self.tokenizer.vocab_size))
+
+    # ------------------------------------------------------------------ small things
+
+    def _sync(self) -> None:
+        if self.platform.is_cuda:
+            torch.cuda.synchronize()
+
+    def _describe(self) -> str:
+        p = self.cfg.parallel
+        params = sum(p_.numel() for chunk in self.model for p_ in chunk.parameters())
+        return (f"model {self.cfg.model.name} ({params / 1e6:.2f}M params on rank 0) | world {dist.get_world_size()} "
+                f"= tp {p.tp} x pp {p.pp}{f' (vpp {p.vpp})' if p.vpp else ''} x dp {self.dp_size} (ep {p.ep}) | "
+                f"{self.platform.device.type}/{self.platform.backend} | start iteration {self.state.iteration} | "
+                f"run dir {self.run_dir}")
+
+
+def _same_config_on_all_ranks(cfg: JobConfig) -> JobConfig:
+    # Interpolations such as ${now:...} may resolve differently per rank: rank 0's version wins.
+    holder = [cfg]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def megatron_args(cfg: JobConfig, state: TrainState, vocab_size: int) -> Namespace:
+    """The subset of Megatron-LM's argparse namespace its loader and tools read from checkpoints."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    from pma_train.model import padded_vocab_size
+
+    return Namespace(
+        num_layers=len(m.pattern().replace("|", "")), hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        group_query_attention=m.num_query_groups is not None, kv_channels=m.kv_channels,
+        hybrid_layer_pattern=m.pattern(), normalization=m.normalization, swiglu=m.activation == "swiglu",
+        position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights, add_bias_linear=m.add_bias_linear,
+        num_experts=m.num_experts, moe_router_topk=m.moe_router_topk,
+        max_position_embeddings=m.max_position_embeddings, seq_length=t.seq_length,
+        padded_vocab_size=padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by),
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp, expert_model_parallel_size=p.ep,
+        use_distributed_optimizer=p.use_distributed_optimizer, ckpt_format="torch_dist",
+        train_iters=t.iters, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+        consumed_train_samples=state.consumed_samples, consumed_valid_samples=0, iteration=state.iteration,
+        lr=t.lr, min_lr=t.min_lr, seed=cfg.seed,
+    )

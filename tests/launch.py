@@ -1,0 +1,68 @@
+"""Start real pma-train jobs (torchrun over gloo) from tests and read back what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_env(cache_dir: Path | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled",
+                "TORCH_CPP_LOG_LEVEL": "ERROR"})
+    if cache_dir is not None:
+        env["PMA_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    run_dir: Path
+
+    def records(self, kind: str) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r["kind"] == kind]
+
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in self.records("train")}
+
+    def val_losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in self.records("val")}
+
+
+def run_module(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """python -m <args> under torchrun with nproc ranks (a plain process when nproc is None)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}"] if nproc else [sys.executable]
+    proc = subprocess.run(cmd + ["-m"] + args, cwd=REPO, env=env or test_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def train(run_dir: Path, overrides: list[str], nproc: int = 1, cache_dir: Path | None = None,
+          timeout: int = 600, check: bool = True) -> Run:
+    base = [f"run.dir={run_dir}", "logging.progress_bar=false"]
+    proc = run_module(["pma_train.cli.train", *base, *overrides], nproc=nproc, env=test_env(cache_dir),
+                      timeout=timeout)
+    run = Run(proc.returncode, proc.stdout + proc.stderr, run_dir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pma-train failed ({proc.returncode}):\n{run.output[-6000:]}")
+    return run
