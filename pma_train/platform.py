@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _installed = False
 
@@ -48,19 +47,46 @@ def _is_cuda_device(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _CudaToCpu(TorchFunctionMode):
-    """Rewrites CUDA device arguments of torch calls to the CPU and drops pinned memory."""
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "as_tensor", "arange", "linspace", "eye",
+              "rand", "randn", "randint", "randperm", "empty_like", "zeros_like", "ones_like",
+              "full_like", "rand_like", "randn_like", "empty_strided", "scalar_tensor")
+_TENSOR_FACTORIES = ("new_empty", "new_zeros", "new_ones", "new_full", "new_tensor")
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and args:
-            args = tuple("cpu" if i > 0 and _is_cuda_device(a) and not isinstance(a, int) else a
-                         for i, a in enumerate(args))
-        return func(*args, **kwargs)
+
+def _cpu_kwargs(kwargs: dict) -> dict:
+    if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+        kwargs["device"] = "cpu"
+    if kwargs.get("pin_memory"):
+        kwargs["pin_memory"] = False
+    return kwargs
+
+
+def _redirect(fn):
+    def factory(*args, **kwargs):
+        return fn(*args, **_cpu_kwargs(kwargs))
+
+    factory.__wrapped__ = fn
+    return factory
+
+
+def _patch_factories() -> None:
+    """Rewrite CUDA `device=` arguments of torch factories to the CPU; drop pinned memory.
+
+    Patching the factories (rather than a TorchFunctionMode) also covers code that runs inside
+    autograd's backward, where torch-function modes are not active, and costs nothing per op.
+    """
+    for name in _FACTORIES:
+        setattr(torch, name, _redirect(getattr(torch, name)))
+    for name in _TENSOR_FACTORIES:
+        setattr(torch.Tensor, name, _redirect(getattr(torch.Tensor, name)))
+    plain_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        args = tuple("cpu" if isinstance(a, (str, torch.device)) and _is_cuda_device(a) else a for a in args)
+        return plain_to(self, *args, **_cpu_kwargs(kwargs))
+
+    torch.Tensor.to = to
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
 
 
 class _FakeStream:
@@ -190,6 +216,6 @@ def install_cpu_compat() -> None:
         raise RuntimeError("the CPU compatibility layer must not be installed on a CUDA host")
     _patch_torch_cuda()
     _patch_tensor_methods()
-    _CudaToCpu().__enter__()
+    _patch_factories()
     _patch_megatron()
     _installed = True

@@ -128,6 +128,38 @@ def _init_optimizer_state(optimizer) -> None:
                 state.setdefault("step", torch.tensor(0.0))
 
 
+def _keep_state_the_loader_leaves_out() -> None:
+    """Let the fully reshardable format load into torch's Adam (no TE / apex).
+
+    megatron restores Adam's per-parameter `step` from the param groups, then copies the loaded
+    tensors into every tensor of the optimizer state, `step` included, which the loaded dict
+    lacks (KeyError 'step'). Missing keys keep the value already restored.
+    """
+    from collections import defaultdict
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    plain = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(plain, "_pma_tolerant", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        return plain(self, model_param, defaultdict(lambda: None, tensors))
+
+    set_states._pma_tolerant = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    # megatron hands every parameter the same `step` tensor; torch's foreach Adam then adds 1
+    # to it once per parameter, and bias correction after a resume is wrong.
+    for inner in _inner_optimizers(optimizer):
+        torch_opt = getattr(inner, "optimizer", None)
+        for state in (torch_opt.state.values() if torch_opt is not None else ()):
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
                     args: Namespace | None = None, sidecar: dict | None = None) -> Path:
     """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete."""
@@ -193,6 +225,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
     ckpt = layout.resolve_checkpoint(path)
     layout.verify_complete(ckpt)
+    _keep_state_the_loader_leaves_out()
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     gpt = is_gpt_checkpoint(ckpt)
     if gpt and optimizer is not None:
@@ -212,6 +245,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if with_rng and "rng_state" in loaded:
