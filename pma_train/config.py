@@ -77,7 +77,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    iters: int = 300
+    iters: int = 600
     global_batch_size: int = 16
     micro_batch_size: int = 4
     seq_length: int = 128
@@ -92,6 +92,8 @@ class TrainConfig:
     precision: str = "auto"
     eval_interval: int = 100
     eval_iters: int = 8
+    # Evaluate once before the first step (e.g. to see where a loaded checkpoint stands).
+    eval_at_start: bool = False
     log_interval: int = 10
     # Stop after this many iterations of this process (for tests of resume); None = run to iters.
     exit_after_iters: Optional[int] = None

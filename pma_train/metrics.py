@@ -46,7 +46,9 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_iters, initial=start_iter, unit="it", dynamic_ncols=True)
 
-    def log(self, step: int, metrics: dict[str, Any], kind: str = "train") -> None:
+    def log(self, step: int, metrics: dict[str, Any], kind: str = "train",
+            console: tuple[str, ...] | None = None) -> None:
+        """Everything to JSONL and wandb; `console` picks the keys shown on the terminal."""
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": time.time(), **metrics}
@@ -54,7 +56,8 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
-        self.print(f"[{kind}] step {step} | " + " | ".join(_format(k, v) for k, v in metrics.items()))
+        shown = metrics if console is None else {k: metrics[k] for k in console if k in metrics}
+        self.print(f"[{kind}] step {step} | " + " | ".join(_format(k, v) for k, v in shown.items()))
 
     def advance(self, steps: int = 1, **postfix: Any) -> None:
         if self._bar is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -14,8 +15,14 @@ from pma_train.config import ParallelConfig
 from pma_train.platform import Platform
 
 
+# megatron-core warnings that say nothing actionable about a pma-train run.
+_QUIET_LOGGERS = ("megatron.core.rerun_state_machine", "megatron.core.dist_checkpointing.strategies.torch")
+
+
 def init_distributed(parallel: ParallelConfig, platform: Platform, seed: int) -> None:
     """Start (or reuse) the default process group and megatron-core's parallel groups."""
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not dist.is_initialized():
         # A single process without torchrun still needs a process group for megatron-core.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

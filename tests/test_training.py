@@ -82,3 +82,17 @@ def test_tp2_checkpoint_resumes_at_tp1(baseline, tmp_path, cache):
     resumed = train(run_dir, COMMON, nproc=1, cache_dir=cache)
     assert "start iteration 5" in resumed.output
     assert_same_losses(resumed.losses(), baseline.losses())
+
+
+def test_tp2_pp2_checkpoint_evaluates_the_same_at_tp1_pp1(tmp_path, cache):
+    """Weights and optimizer saved by a TP=2 x PP=2 run load at TP=1 x PP=1: same validation loss."""
+    run_dir = tmp_path / "run"
+    saved = train(run_dir, COMMON + ["model=tiny4", "parallel.tp=2", "parallel.pp=2", "train.exit_after_iters=5"],
+                  nproc=4, cache_dir=cache)
+    val_at_save = saved.val_losses()[5]
+    resumed = train(run_dir, COMMON + ["model=tiny4", "train.eval_at_start=true", "train.exit_after_iters=1"],
+                    nproc=1, cache_dir=cache)
+    evals = [r["loss"] for r in resumed.records("val") if r["step"] == 5]
+    assert len(evals) == 2, resumed.records("val")
+    assert abs(evals[1] - val_at_save) < 1e-5, (evals, val_at_save)
+    assert 6 in resumed.losses()  # and training goes on from the loaded optimizer state

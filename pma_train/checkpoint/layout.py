@@ -108,6 +108,13 @@ def verify_complete(ckpt_dir: str | Path) -> None:
                                   f"({file.stat().st_size} of {size} bytes)")
 
 
+def check_loadable(path: str | Path) -> Path:
+    """The iter_* directory a load of `path` would read, verified complete."""
+    ckpt = resolve_checkpoint(path)
+    verify_complete(ckpt)
+    return ckpt
+
+
 def temporary_dir(root: Path, iteration: int, token: str) -> Path:
     return Path(root) / f"{TMP_PREFIX}{iter_dir_name(iteration)}.{token}"
 

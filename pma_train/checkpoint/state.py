@@ -217,7 +217,9 @@ def _retarget_to_gpt(model_state: dict, chunks) -> dict:
 
     pattern = _unwrap(chunks[0]).hybrid_layer_pattern.replace("|", "")
     maps = gpt_compatible_layer_maps(pattern)
-    return {k: retarget_sharded_state_dict_to_gpt_checkpoint(v, maps) for k, v in model_state.items()}
+    for chunk_state in model_state.values():
+        retarget_sharded_state_dict_to_gpt_checkpoint(chunk_state, maps)  # in place; returns None
+    return model_state
 
 
 def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,

@@ -8,15 +8,34 @@ import hydra
 from omegaconf import DictConfig
 
 from pma_train.cli.common import CONF_DIR, register_configs
-from pma_train.config import ConfigError, to_job_config, validate
+from pma_train.checkpoint.layout import CheckpointError, check_loadable, list_iterations
+from pma_train.config import ConfigError, JobConfig, to_job_config, validate
+
+
+def check_checkpoints(job: JobConfig) -> None:
+    """Every checkpoint the job will read exists and is complete."""
+    c = job.checkpoint
+    for name, path in (("checkpoint.load", c.load), ("checkpoint.init_from", c.init_from)):
+        if path is not None:
+            try:
+                check_loadable(path)
+            except CheckpointError as err:
+                raise CheckpointError(f"{name}: {err}") from None
+    if c.load is None and list_iterations(c.dir):
+        try:
+            check_loadable(c.dir)
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint.dir (auto-resume): {err}") from None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _run(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
     try:
-        validate(job)  # before megatron-core is even imported, let alone a process group started
-    except ConfigError as err:
+        # Before megatron-core is even imported, let alone a process group started.
+        validate(job)
+        check_checkpoints(job)
+    except (ConfigError, CheckpointError) as err:
         print(f"pma-train: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     from pma_train.train.trainer import Trainer

@@ -101,25 +101,26 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.log.print(f"pma-train: {self._describe()}")
         start_iter, start_time = self.state.iteration, time.perf_counter()
-        window_loss, window_steps, window_time = 0.0, 0, 0.0
+        window = _Window()
         last_eval = None
+        if t.eval_at_start:
+            last_eval = self.evaluate()
+            self.log.log(start_iter, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens}, kind="val")
         stop_at = t.iters if t.exit_after_iters is None else min(t.iters, start_iter + t.exit_after_iters)
         while self.state.iteration < stop_at:
             step_start = time.perf_counter()
             result = self.train_step()
-            window_loss += result.loss
-            window_steps += 1
-            window_time += time.perf_counter() - step_start
+            window.add(result, time.perf_counter() - step_start)
             it = self.state.iteration
             self.log.advance(1, loss=result.loss, lr=result.lr)
             if it % t.log_interval == 0 or it == t.iters:
-                self.log.log(it, {
-                    "loss": window_loss / window_steps, "lr": result.lr, "grad_norm": result.grad_norm,
-                    "tokens_per_s": self.tokens_per_iter * window_steps / window_time,
-                    "step_s": window_time / window_steps, "consumed_tokens": self.state.consumed_tokens,
-                    **{f"time_{k}_s": v for k, v in result.seconds.items()},
-                })
-                window_loss, window_steps, window_time = 0.0, 0, 0.0
+                self.log.log(it, {"loss": window.mean_loss(), "lr": result.lr, "grad_norm": result.grad_norm,
+                                  "tokens_per_s": self.tokens_per_iter * window.steps / window.seconds,
+                                  "step_s": window.seconds / window.steps,
+                                  "consumed_tokens": self.state.consumed_tokens,
+                                  "skipped_steps": window.skipped, **window.breakdown()},
+                             console=("loss", "lr", "grad_norm", "tokens_per_s", "step_s"))
+                window = _Window()
             if it % t.eval_interval == 0 or it == t.iters:
                 last_eval = self.evaluate()
                 self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens}, kind="val")
@@ -195,6 +196,31 @@ class Trainer:
                 f"= tp {p.tp} x pp {p.pp}{f' (vpp {p.vpp})' if p.vpp else ''} x dp {self.dp_size} (ep {p.ep}) | "
                 f"{self.platform.device.type}/{self.platform.backend} | start iteration {self.state.iteration} | "
                 f"run dir {self.run_dir}")
+
+
+class _Window:
+    """Accumulates the steps between two log lines: every logged figure is a mean over them."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.loss, self.skipped = 0, 0.0, 0.0, 0
+        self.parts: dict[str, float] = {}
+
+    def add(self, result: StepResult, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.loss += result.loss
+        self.skipped += int(result.skipped)
+        for key, value in result.seconds.items():
+            self.parts[key] = self.parts.get(key, 0.0) + value
+
+    def mean_loss(self) -> float:
+        return self.loss / self.steps
+
+    def breakdown(self) -> dict[str, float]:
+        parts = {f"time_{k}_s": v / self.steps for k, v in self.parts.items()}
+        # What the loop itself costs besides the step: logging, progress bar, bookkeeping.
+        parts["time_other_s"] = max(0.0, self.seconds / self.steps - sum(parts.values()))
+        return parts
 
 
 def _same_config_on_all_ranks(cfg: JobConfig) -> JobConfig:

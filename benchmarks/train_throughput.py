@@ -1,0 +1,557 @@
+"""Training throughput of pma-train against a bare megatron-core loop, in the same run.
+
+Both sides train the same HybridModel (built by `pma_train.model.build_model` on the same
+platform layer and process groups), wrapped in the same megatron-core DDP and optimizer
+(`pma_train.train.optim`), with the same LR schedule, batch and parallel layout:
+
+- bare:      the smallest correct driver in the style of megatron-core's
+             examples/run_simple_mcore_train_loop.py: zero grads, `get_forward_backward_func`,
+             optimizer.step, scheduler.step. Batches are pre-built from the same dataset
+             (`--bare-data live` reads them per step instead). No logging, metrics, loss
+             all-reduce, eval or checkpointing.
+- pma-train: the real `Trainer.train()` loop (train_step, loss all-reduce, metrics, logging at
+             its normal interval), with eval and checkpointing pushed past the end of the run.
+
+Measurement: each side first runs `--warmup` steps (discarded), then `--rounds` blocks of
+`--steps` steps each, alternating ABAB / BABA so machine noise hits both alike. Both start from
+the same weights and see the same batches in the same order, so their losses must agree step for
+step (checked and reported). Results are merged into benchmarks/results/train_throughput.json
+(one entry per case) and rendered as train_throughput.md and train_throughput.png.
+
+    python benchmarks/train_throughput.py                                   # tiny, 1 rank
+    python benchmarks/train_throughput.py --label h256x4 model.hidden_size=256 model.num_layers=4
+    torchrun --nproc-per-node 2 benchmarks/train_throughput.py --tp 2        # tp=2 over gloo
+
+Trailing `key=value` arguments are hydra overrides of pma-train's config (they win over the
+flags). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform as host_platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BASENAME = "train_throughput"
+TARGET_RATIO = 0.97
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny", help="a preset of model_configs/")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (dp = world / (tp*pp))")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps per block (keep it a multiple of the log interval)")
+    p.add_argument("--rounds", type=int, default=10, help="timed blocks per side (alternating order)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per side before the blocks")
+    p.add_argument("--log-interval", type=int, default=None,
+                   help="pma-train's train.log_interval (default: the config's, 10)")
+    p.add_argument("--progress-bar", action="store_true",
+                   help="leave pma-train's tqdm bar on (it only shows on a terminal)")
+    p.add_argument("--bare-data", choices=("prebuilt", "live"), default="prebuilt",
+                   help="bare loop batches: built before timing, or read from the dataset each step")
+    p.add_argument("--label", default=None, help="case name in the results (default: model-layout)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--fresh", action="store_true", help="drop earlier cases from the results JSON")
+    p.add_argument("--no-write", action="store_true", help="print only; write no result files")
+    p.add_argument("overrides", nargs="*", help="hydra overrides of pma-train's config, e.g. model.hidden_size=256")
+    return p.parse_args(argv)
+
+
+def compose_config(args: argparse.Namespace, run_dir: str):
+    """pma-train's JobConfig, composed by hydra exactly as `pma-train` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.config import to_job_config
+
+    total = args.warmup + args.rounds * args.steps
+    overrides = [
+        f"model={args.model}",
+        f"parallel.tp={args.tp}", f"parallel.pp={args.pp}",
+        f"train.global_batch_size={args.global_batch}", f"train.micro_batch_size={args.micro_batch}",
+        f"train.seq_length={args.seq_len}",
+        # One more than the run takes, so the end-of-run eval / save never fires; eval and
+        # checkpoints are pushed out of reach.
+        f"train.iters={total + 1}", "train.eval_interval=1000000000", "train.eval_iters=1",
+        "checkpoint.interval=1000000000", "checkpoint.save_at_end=false",
+        f"logging.progress_bar={str(args.progress_bar).lower()}", f"run.dir={run_dir}",
+    ]
+    if args.log_interval is not None:
+        overrides.append(f"train.log_interval={args.log_interval}")
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = to_job_config(compose("train", overrides=overrides + list(args.overrides)))
+    # The constant schedule needs warmup < iters; only matters for very short smoke runs.
+    cfg.schedule.warmup_iters = min(cfg.schedule.warmup_iters, cfg.train.iters - 1)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- the bare loop
+
+class BareLoop:
+    """The smallest correct megatron-core training driver around the same model and optimizer.
+
+    In the style of megatron-core's examples/run_simple_mcore_train_loop.py; everything
+    pma-train adds around a step (logging, metrics, loss all-reduce, eval, checkpoints) is left out.
+    """
+
+    def __init__(self, cfg, dataset, live_data: bool):
+        import torch
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from pma_train.data import build_tokenizer
+        from pma_train.model import build_model
+        from pma_train.parallel import init_distributed
+        from pma_train.platform import detect
+        from pma_train.schedule import build_scheduler
+        from pma_train.train.optim import build_optimizer, wrap_ddp
+
+        self.torch = torch
+        self.cfg, t = cfg, cfg.train
+        self.platform = detect(cfg.parallel.backend)
+        if not parallel_state.model_parallel_is_initialized():  # the Trainer of this run already did
+            init_distributed(cfg.parallel, self.platform, cfg.seed)
+        chunks = build_model(cfg, self.platform, build_tokenizer(cfg.data.tokenizer).vocab_size)
+        self.model = wrap_ddp(chunks, chunks[0].config, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, chunks[0].config)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, t, t.global_batch_size * t.seq_length)
+        self.forward_backward = get_forward_backward_func()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.dataset, self.live_data = dataset, live_data
+        self.next_micro_batch = 0
+        # One generator per model chunk (virtual pipeline stages each pull the same sequence).
+        self._data = [self._batches() for _ in self.model] if len(self.model) > 1 else self._batches()
+        self.prebuilt: list = []
+        self.data_s = 0.0
+        self.records: list[dict] = []  # per step: seconds; the loss tensors are read after timing
+        self.losses: list = []
+
+    # Megatron-LM's sampler order (rank r takes the r-th micro-batch slice of each chunk of
+    # micro_batch * dp samples): the same samples pma-train's loader yields, step for step.
+    def _read(self, k: int) -> dict:
+        mbs = self.cfg.train.micro_batch_size
+        start = k * mbs * self.dp_size + self.dp_rank * mbs
+        samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(mbs)]
+        keys = ("tokens", "labels", "loss_mask", "position_ids")
+        return {key: self.torch.stack([self.torch.as_tensor(s[key]) for s in samples]) for key in keys}
+
+    def prebuild(self, steps: int) -> None:
+        if not self.live_data:
+            self.prebuilt = [self._read(k) for k in range(steps * self.num_microbatches)]
+
+    def _batches(self):
+        while True:
+            k = self.next_micro_batch
+            self.next_micro_batch += 1
+            yield self.prebuilt[k] if k < len(self.prebuilt) else self._read(k)
+
+    def _loss_func(self, loss_mask, output_tensor):
+        losses = output_tensor.float().reshape(-1)
+        mask = loss_mask.float().reshape(-1)
+        loss_sum = self.torch.sum(losses * mask)
+        num_tokens = mask.sum()
+        return loss_sum, num_tokens.to(self.torch.int), {"lm loss": self.torch.stack([loss_sum.detach(), num_tokens])}
+
+    def _forward_step(self, data_iterator, model):
+        start = time.perf_counter()
+        batch = next(data_iterator)
+        device = self.platform.device
+        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
+        loss_mask, position_ids = batch["loss_mask"].to(device), batch["position_ids"].to(device)
+        self.data_s += time.perf_counter() - start
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(self._loss_func, loss_mask)
+
+    def _sync(self) -> None:
+        if self.platform.is_cuda:
+            self.torch.cuda.synchronize()
+
+    def train_step(self) -> None:
+        t = self.cfg.train
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=self._data, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False)
+        self._sync()
+        mid = time.perf_counter()
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self._sync()
+        end = time.perf_counter()
+        data_s, self.data_s = self.data_s, 0.0
+        self.losses.append(losses)
+        self.records.append({"step_s": end - start, "data": data_s, "fwd_bwd": mid - start - data_s,
+                             "optimizer": end - mid})
+
+    def global_losses(self) -> list[float]:
+        """Mean loss per token of each step over the global batch (after timing: one all-reduce)."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        torch = self.torch
+        totals = torch.zeros(len(self.losses), 2, dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for i, step in enumerate(self.losses):
+                for record in step:
+                    totals[i] += record["lm loss"].to(totals)
+        totals = totals.to(self.platform.device)
+        dist.all_reduce(totals)
+        return (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()
+
+
+# ----------------------------------------------------------------------------- the pma-train side
+
+class PmaSide:
+    """The real Trainer; its `train()` loop runs block by block (exit_after_iters) and its
+    train_step is wrapped only to take timestamps (what the loop does between steps counts)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.records: list[dict] = []
+        self.losses: list[float] = []
+        self._entries: list[float] = []
+        self._inner = trainer.train_step
+        trainer.train_step = self._timed_step
+
+    def _timed_step(self):
+        start = time.perf_counter()
+        self._entries.append(start)
+        result = self._inner()
+        self._step_s.append(time.perf_counter() - start)
+        self._results.append(result)
+        return result
+
+    def run(self, steps: int) -> None:
+        from pma_train.metrics import MetricsLogger
+
+        tr = self.trainer
+        self._entries, self._step_s, self._results = [], [], []
+        tr.cfg.train.exit_after_iters = steps
+        tr.train()
+        end = time.perf_counter()
+        # train() closes its logger at the end; give the next block a fresh one (untimed).
+        tr.log = MetricsLogger(tr.cfg, tr.run_dir, tr.cfg.train.iters, tr.state.iteration, enabled=tr.rank0)
+        # A step's wall time runs from its train_step call to the next one (or train()'s return):
+        # it includes the loss all-reduce, metrics and logging the loop does after the step.
+        bounds = self._entries[1:] + [end]
+        for entry, stop, step_s, result in zip(self._entries, bounds, self._step_s, self._results):
+            s = result.seconds
+            self.records.append({
+                "step_s": stop - entry, "data": s["data"], "fwd_bwd": s["fwd_bwd"], "optimizer": s["optimizer"],
+                "loss_reduce": s["loss_reduce"], "step_other": step_s - sum(s.values()),
+                "loop_logging": stop - entry - step_s,
+            })
+            self.losses.append(result.loss)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarise(records: list[dict], blocks: list[list[dict]], tokens_per_step: int) -> dict:
+    step_s = [r["step_s"] for r in records]
+    keys = [k for k in records[0] if k != "step_s"]
+    breakdown_ms = {k: 1e3 * statistics.fmean(r[k] for r in records) for k in keys}
+    breakdown_ms["other"] = 1e3 * statistics.fmean(step_s) - sum(breakdown_ms.values())
+    block_tps = [tokens_per_step * len(b) / sum(r["step_s"] for r in b) for b in blocks]
+    return {
+        "steps": len(step_s),
+        "median_step_ms": 1e3 * statistics.median(step_s),
+        "p10_step_ms": 1e3 * _quantile(step_s, 0.1),
+        "p90_step_ms": 1e3 * _quantile(step_s, 0.9),
+        "mean_step_ms": 1e3 * statistics.fmean(step_s),
+        "tokens_per_s_median": tokens_per_step / statistics.median(step_s),
+        "tokens_per_s_mean": tokens_per_step * len(step_s) / sum(step_s),
+        "tokens_per_s_blocks": block_tps,
+        "breakdown_ms": breakdown_ms,
+    }
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(args: argparse.Namespace) -> dict | None:
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1 per rank; a plain run gets the cores
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from pma_train.config import validate
+    from pma_train.train.trainer import Trainer
+
+    scratch = tempfile.mkdtemp(prefix="pma-bench-")
+    cfg = compose_config(args, str(Path(scratch) / "run"))
+    validate(cfg)
+    t = cfg.train
+    tokens_per_step = t.global_batch_size * t.seq_length
+    total_steps = args.warmup + args.rounds * args.steps
+
+    trainer = Trainer(cfg)  # initialises the process groups; the bare loop reuses them
+    rank0 = dist.get_rank() == 0
+    bare = BareLoop(trainer.cfg, trainer.train_ds, live_data=args.bare_data == "live")
+    bare.prebuild(total_steps)
+    same_init = all(torch.equal(a, b) for ca, cb in zip(trainer.model, bare.model)
+                    for a, b in zip(ca.parameters(), cb.parameters()))
+    pma = PmaSide(trainer)
+
+    def say(line: str) -> None:
+        if rank0:
+            print(f"[bench] {line}", flush=True)
+
+    def block(side: str, steps: int) -> list[dict]:
+        gc.collect()
+        dist.barrier()
+        if side == "pma":
+            before = len(pma.records)
+            pma.run(steps)
+            return pma.records[before:]
+        before = len(bare.records)
+        for _ in range(steps):
+            bare.train_step()
+        return bare.records[before:]
+
+    world = dist.get_world_size()
+    say(f"world {world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {trainer.dp_size}, "
+        f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, {args.rounds} rounds x {args.steps} steps "
+        f"after {args.warmup} warm-up steps, same initial weights: {same_init}")
+    load_before = os.getloadavg()
+    block("pma", args.warmup)
+    block("bare", args.warmup)
+    pma.records.clear()
+    bare.records.clear()
+    blocks = {"pma": [], "bare": []}
+    for r in range(args.rounds):
+        order = ("pma", "bare") if r % 2 == 0 else ("bare", "pma")
+        for side in order:
+            blocks[side].append(block(side, args.steps))
+        last = {s: tokens_per_step * args.steps / sum(x["step_s"] for x in blocks[s][-1]) for s in blocks}
+        say(f"round {r + 1}/{args.rounds} ({'/'.join(order)}): bare {last['bare']:,.0f} tok/s, "
+            f"pma-train {last['pma']:,.0f} tok/s, ratio {last['pma'] / last['bare']:.3f}")
+
+    bare_losses = bare.global_losses()
+    pma_losses = pma.losses  # every step the trainer ran, warm-up included, like the bare list
+    loss_diff = max(abs(a - b) for a, b in zip(pma_losses, bare_losses))
+    dist.barrier()
+    shutil.rmtree(scratch, ignore_errors=True)
+    if not rank0:
+        return None
+
+    side_stats = {s: summarise([r for b in blocks[s] for r in b], blocks[s], tokens_per_step) for s in blocks}
+    pair_ratios = [p / b for p, b in zip(side_stats["pma"]["tokens_per_s_blocks"], side_stats["bare"]["tokens_per_s_blocks"])]
+    m = trainer.cfg.model
+    import megatron.core
+
+    result = {
+        "label": args.label or f"{m.name}-tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{trainer.dp_size}",
+        "model": {"name": m.name, "pattern": m.pattern(), "hidden_size": m.hidden_size,
+                  "ffn_hidden_size": m.ffn_hidden_size, "num_attention_heads": m.num_attention_heads,
+                  "params_rank0": sum(p.numel() for c in trainer.model for p in c.parameters())},
+        "layout": {"world": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": trainer.dp_size,
+                   "sequence_parallel": cfg.parallel.sequence_parallel and cfg.parallel.tp > 1},
+        "batch": {"global": t.global_batch_size, "micro": t.micro_batch_size, "seq_len": t.seq_length,
+                  "microbatches_per_step": trainer.num_microbatches, "tokens_per_step": tokens_per_step},
+        "run": {"warmup": args.warmup, "rounds": args.rounds, "steps_per_block": args.steps,
+                "log_interval": t.log_interval, "bare_data": args.bare_data, "overrides": list(args.overrides),
+                "progress_bar": args.progress_bar},
+        "env": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], "torch_threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(), "device": trainer.platform.device.type, "backend": trainer.platform.backend,
+                "precision": str(trainer.model_config.params_dtype).replace("torch.", ""),
+                "torch": torch.__version__, "megatron_core": megatron.core.__version__,
+                "python": host_platform.python_version(), "host": host_platform.processor() or host_platform.machine(),
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "loadavg_1min_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+        "bare": side_stats["bare"],
+        "pma": side_stats["pma"],
+        "ratio_mean": side_stats["pma"]["tokens_per_s_mean"] / side_stats["bare"]["tokens_per_s_mean"],
+        "ratio_median": side_stats["pma"]["tokens_per_s_median"] / side_stats["bare"]["tokens_per_s_median"],
+        "ratio_rounds": pair_ratios,
+        "ratio_rounds_median": statistics.median(pair_ratios),
+        "same_initial_weights": same_init,
+        "max_loss_diff": loss_diff,
+        "final_loss": pma_losses[-1],
+    }
+    result["meets_target"] = result["ratio_mean"] >= TARGET_RATIO
+    b, p = result["bare"], result["pma"]
+    print(f"[bench] {result['label']}: bare {b['tokens_per_s_mean']:,.0f} tok/s (median step {b['median_step_ms']:.2f} ms), "
+          f"pma-train {p['tokens_per_s_mean']:,.0f} tok/s (median step {p['median_step_ms']:.2f} ms), "
+          f"ratio {result['ratio_mean']:.3f} (median-step ratio {result['ratio_median']:.3f}, rounds "
+          f"{min(pair_ratios):.3f}-{max(pair_ratios):.3f}); max loss diff {loss_diff:.2e}", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- reports
+
+COMPONENTS = (  # (key, label) in the order of a step
+    ("data", "data (next batch, to device)"),
+    ("fwd_bwd", "forward + backward (incl. zero-grad, grad all-reduce)"),
+    ("optimizer", "optimizer step + scheduler"),
+    ("loss_reduce", "loss all-reduce (`reduce_lm_loss`)"),
+    ("step_other", "rest of `train_step` (bookkeeping)"),
+    ("loop_logging", "loop: metrics + logging (`Trainer.train`)"),
+    ("other", "untimed remainder"),
+)
+
+
+def write_reports(result: dict, directory: Path, fresh: bool) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{BASENAME}.json"
+    cases = {} if fresh or not path.exists() else {c["label"]: c for c in json.loads(path.read_text())["cases"]}
+    cases[result["label"]] = result
+    ordered = sorted(cases.values(), key=lambda c: (c["layout"]["world"], c["model"]["params_rank0"], c["label"]))
+    path.write_text(json.dumps({"target_ratio": TARGET_RATIO, "cases": ordered}, indent=1) + "\n")
+    (directory / f"{BASENAME}.md").write_text(markdown(ordered))
+    plot(ordered, directory / f"{BASENAME}.png")
+
+
+def markdown(cases: list[dict]) -> str:
+    lines = [
+        "# Training throughput: pma-train vs a bare megatron-core loop",
+        "",
+        "Written by `benchmarks/train_throughput.py` (how to run: `benchmarks/README.md`). Both sides run in",
+        "one process group on the same HybridModel, megatron-core DDP + distributed optimizer, LR schedule,",
+        "batches and layout; blocks alternate (ABAB / BABA) after discarded warm-up steps. *ratio* is",
+        f"pma-train tokens/s over bare tokens/s over all timed steps (target >= {TARGET_RATIO}); the per-round",
+        "ratios (one per ABAB pair of blocks) give its spread. Step times: median [p10, p90] over all timed steps. *loss diff*: largest",
+        "difference of the per-step training loss between the two sides (same weights, same data).",
+        "",
+        "| case | layout | OMP threads/rank | tokens/step | bare tok/s | pma-train tok/s | ratio "
+        "| per-round ratio: median (min-max) | bare step ms | pma-train step ms | loss diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cases:
+        b, p, lay = c["bare"], c["pma"], c["layout"]
+        lines.append(
+            f"| {c['label']} | world {lay['world']}: tp {lay['tp']} pp {lay['pp']} dp {lay['dp']} "
+            f"| {c['env']['OMP_NUM_THREADS']} | {c['batch']['tokens_per_step']} "
+            f"| {b['tokens_per_s_mean']:,.0f} | {p['tokens_per_s_mean']:,.0f} "
+            f"| **{c['ratio_mean']:.3f}** | {c['ratio_rounds_median']:.3f} ({min(c['ratio_rounds']):.3f}-{max(c['ratio_rounds']):.3f}) "
+            f"| {b['median_step_ms']:.2f} [{b['p10_step_ms']:.2f}, {b['p90_step_ms']:.2f}] "
+            f"| {p['median_step_ms']:.2f} [{p['p10_step_ms']:.2f}, {p['p90_step_ms']:.2f}] "
+            f"| {c['max_loss_diff']:.1e} |")
+    for c in cases:
+        m, bt, r, e = c["model"], c["batch"], c["run"], c["env"]
+        lines += [
+            "",
+            f"## {c['label']}",
+            "",
+            f"Model `{m['name']}`: pattern `{m['pattern']}`, hidden {m['hidden_size']}, ffn {m['ffn_hidden_size']}, "
+            f"{m['num_attention_heads']} heads, {m['params_rank0'] / 1e6:.2f}M parameters on rank 0. "
+            f"Batch: global {bt['global']}, micro {bt['micro']}, seq {bt['seq_len']} "
+            f"({bt['microbatches_per_step']} micro-batches per step per rank). "
+            f"{r['warmup']} warm-up + {r['rounds']} x {r['steps_per_block']} timed steps per side; "
+            f"pma-train logs every {r['log_interval']} steps; bare batches {r['bare_data']}."
+            + (f" Overrides: `{' '.join(r['overrides'])}`." if r["overrides"] else ""),
+            f"{e['device']}/{e['backend']}, {e['precision']}, OMP_NUM_THREADS={e['OMP_NUM_THREADS']} "
+            f"({e['cpus']} CPUs), torch {e['torch']}, megatron-core {e['megatron_core']}, {e['date']}; "
+            f"1-min load average {e['loadavg_1min_start_end'][0]} at the start, {e['loadavg_1min_start_end'][1]} at the end.",
+            "",
+            "| per step (mean ms) | bare | pma-train |",
+            "|---|---|---|",
+        ]
+        for key, label in COMPONENTS:
+            bv, pv = c["bare"]["breakdown_ms"].get(key), c["pma"]["breakdown_ms"].get(key)
+            if bv is None and pv is None:
+                continue
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            lines.append(f"| {label} | {fmt(bv)} | {fmt(pv)} |")
+        lines.append(f"| **total (mean step)** | **{c['bare']['mean_step_ms']:.3f}** | **{c['pma']['mean_step_ms']:.3f}** |")
+        lines.append(f"| tokens/s per round | {', '.join(f'{x:,.0f}' for x in c['bare']['tokens_per_s_blocks'])} "
+                     f"| {', '.join(f'{x:,.0f}' for x in c['pma']['tokens_per_s_blocks'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cases: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 1.2 + 1.1 * max(3, len(cases))),
+                                      gridspec_kw={"width_ratios": [1, 1.4]})
+    labels = [c["label"] for c in cases]
+    ys = range(len(cases))
+    h = 0.38
+    for offset, side, color, name in ((-h / 2, "bare", "#999999", "bare megatron-core"),
+                                      (h / 2, "pma", "#1f77b4", "pma-train")):
+        vals = [c[side]["tokens_per_s_mean"] for c in cases]
+        lo = [v - min(c[side]["tokens_per_s_blocks"]) for v, c in zip(vals, cases)]
+        hi = [max(c[side]["tokens_per_s_blocks"]) - v for v, c in zip(vals, cases)]
+        left.barh([y + offset for y in ys], vals, height=h, color=color, label=name, xerr=[lo, hi], capsize=3)
+    for y, c in zip(ys, cases):
+        left.text(c["pma"]["tokens_per_s_mean"], y + h / 2, f"  {c['ratio_mean']:.3f}x", va="center", fontsize=8)
+    left.set_yticks(list(ys), labels)
+    left.invert_yaxis()
+    left.set_xlabel("tokens/s (all timed steps; bars: min-max over rounds)")
+    left.legend(loc="lower right", fontsize=8)
+    left.set_title("throughput")
+
+    colors = {"data": "#8c564b", "fwd_bwd": "#1f77b4", "optimizer": "#2ca02c", "loss_reduce": "#d62728",
+              "step_other": "#9467bd", "loop_logging": "#ff7f0e", "other": "#cccccc"}
+    rows, names = [], []
+    for c in cases:
+        for side, tag in (("bare", "bare"), ("pma", "pma-train")):
+            rows.append(c[side]["breakdown_ms"])
+            names.append(f"{c['label']} {tag}")
+    for key, label in COMPONENTS:
+        starts, widths = [], []
+        for row in rows:
+            starts.append(sum(max(0.0, row.get(k, 0.0)) for k, _ in COMPONENTS[:[k for k, _ in COMPONENTS].index(key)]))
+            widths.append(max(0.0, row.get(key, 0.0)))
+        if any(widths):
+            right.barh(range(len(rows)), widths, left=starts, color=colors[key], label=label.split(" (")[0])
+    right.set_yticks(range(len(rows)), names, fontsize=8)
+    right.invert_yaxis()
+    right.set_xlabel("mean step time (ms)")
+    right.legend(fontsize=7, loc="lower right")
+    right.set_title("per-step breakdown")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    if result is not None and not args.no_write:
+        write_reports(result, args.results_dir, args.fresh)
+        print(f"[bench] wrote {args.results_dir / BASENAME}.{{json,md,png}}", flush=True)
+    from pma_train.parallel import destroy_distributed
+
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

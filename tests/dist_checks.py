@@ -1,0 +1,58 @@
+"""Run under torchrun by tests: build pma-train's model for a layout and check / dump its weights.
+
+    torchrun --nproc-per-node N -m tests.dist_checks OUT_DIR tp pp vpp model_name
+Asserts that parameters replicated across tensor-parallel ranks are identical, then writes the
+model's sharded state dict (iteration-0 weights) as a torch_dist checkpoint to OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+
+def main() -> None:
+    out_dir, tp, pp, vpp, model_name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from pma_train.checkpoint.state import model_sharded_state_dict
+    from pma_train.cli.common import model_configs_dir
+    from pma_train.config import JobConfig, ModelConfig
+    from pma_train.model import build_model
+    from pma_train.parallel import init_distributed
+    from pma_train.platform import detect
+
+    cfg = JobConfig()
+    cfg.model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                    OmegaConf.load(model_configs_dir() / f"{model_name}.yaml")))
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp = tp, pp, (vpp or None)
+    platform = detect()
+    init_distributed(cfg.parallel, platform, cfg.seed)
+    chunks = build_model(cfg, platform, vocab_size=257)
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    replicated = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if getattr(param, "tensor_model_parallel", False):
+                continue
+            copies = [torch.empty_like(param) for _ in range(tp)]
+            dist.all_gather(copies, param.detach().contiguous(), group=group)
+            assert all(torch.equal(copies[0], c) for c in copies), f"{name} differs across TP ranks"
+            replicated += 1
+    assert replicated > 0
+    if dist.get_rank() == 0:
+        import os
+
+        os.makedirs(out_dir)
+    dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), out_dir)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
