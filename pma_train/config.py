@@ -273,8 +273,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
 
     if s.name not in ("constant", "wsd", "cosine"):
         _fail("schedule.name", f"'{s.name}' is not one of constant, wsd, cosine")
-    if s.warmup_iters < 0 or s.warmup_iters >= t.iters + (1 if s.name == "constant" else 0):
-        _fail("schedule.warmup_iters", f"{s.warmup_iters} must be in [0, train.iters={t.iters})")
+    if s.warmup_iters < 0:
+        _fail("schedule.warmup_iters", f"must be >= 0, got {s.warmup_iters}")
+    if s.name != "constant" and s.warmup_iters >= t.iters:
+        _fail("schedule.warmup_iters", f"{s.warmup_iters} must be below train.iters={t.iters} for a decaying schedule")
     if s.name == "wsd":
         if s.decay_shape not in ("linear", "cosine", "1-sqrt", "exponential"):
             _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt, exponential")
@@ -304,3 +306,72 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             _fail("data.tokenizer.path", f"a local tokenizer.json is required, got {d.tokenizer.path}")
     if cfg.logging.wandb.mode not in ("disabled", "offline", "online"):
         _fail("logging.wandb.mode", f"'{cfg.logging.wandb.mode}' is not one of disabled, offline, online")
+
+
+# ----------------------------------------------------------------------------- pma-merge
+
+
+@dataclass
+class MergeConfig:
+    """`pma-merge`: average checkpoints (PMA). Inputs are explicit dirs, or a root plus a selection."""
+
+    # Explicit checkpoint directories (iter_* dirs or roots, oldest first) ...
+    inputs: list[str] = field(default_factory=list)
+    # ... or a checkpoint root: the last `n` checkpoints spaced `v_tokens` (or `v_iterations`) apart,
+    # the newest at or before `end_iteration` (default: the root's latest).
+    root: Optional[str] = None
+    n: int = 10
+    v_tokens: Optional[int] = None
+    v_iterations: Optional[int] = None
+    end_iteration: Optional[int] = None
+    # sma | ema | wma | explicit
+    method: str = "sma"
+    alpha: float = 0.2
+    # For method=explicit, one per input, oldest first.
+    weights: list[float] = field(default_factory=list)
+    normalize: bool = True
+    allow_negative_weights: bool = False
+    # Output checkpoint root: <output>/iter_XXXXXXX (the newest input's iteration) + latest tracker.
+    output: Optional[str] = None
+    overwrite: bool = False
+    # Per-rank memory for merge buffers; pieces of tensors are sized to fit.
+    memory_budget_mb: int = 256
+    # Accumulation precision fp32 | fp64; output dtype: "input" keeps each tensor's dtype.
+    accumulate_dtype: str = "fp32"
+    output_dtype: str = "input"
+    # Copy the newest input's optimizer state so training can resume with its moments.
+    carry_optimizer: bool = False
+    # Print the selection and weights, merge nothing.
+    dry_run: bool = False
+    progress_bar: bool = True
+
+
+def validate_merge(cfg: MergeConfig) -> None:
+    """Static checks of a merge request (the inputs themselves are checked by the engine)."""
+    if bool(cfg.inputs) == bool(cfg.root):
+        _fail("inputs", "give either inputs=[dir,...] or root=<checkpoint root>, not both / neither")
+    if cfg.method not in ("sma", "ema", "wma", "explicit"):
+        _fail("method", f"'{cfg.method}' is not one of sma, ema, wma, explicit")
+    if cfg.method == "ema" and not 0.0 < cfg.alpha <= 1.0:
+        _fail("alpha", f"must be in (0, 1], got {cfg.alpha}")
+    if cfg.method == "explicit" and not cfg.weights:
+        _fail("weights", "method=explicit needs weights=[...]")
+    if cfg.weights and cfg.method != "explicit":
+        _fail("weights", f"weights are given but method={cfg.method}; use method=explicit")
+    if cfg.root:
+        if cfg.n < 1:
+            _fail("n", f"must be >= 1, got {cfg.n}")
+        if cfg.v_tokens is not None and cfg.v_iterations is not None:
+            _fail("v_tokens", "give v_tokens or v_iterations, not both")
+        for name in ("v_tokens", "v_iterations"):
+            value = getattr(cfg, name)
+            if value is not None and value <= 0:
+                _fail(name, f"must be > 0, got {value}")
+    if cfg.memory_budget_mb < 1:
+        _fail("memory_budget_mb", f"must be >= 1, got {cfg.memory_budget_mb}")
+    if cfg.accumulate_dtype not in ("fp32", "fp64"):
+        _fail("accumulate_dtype", f"'{cfg.accumulate_dtype}' is not one of fp32, fp64")
+    if cfg.output_dtype not in ("input", "fp32", "bf16", "fp16", "fp64"):
+        _fail("output_dtype", f"'{cfg.output_dtype}' is not one of input, fp32, bf16, fp16, fp64")
+    if not cfg.dry_run and not cfg.output:
+        _fail("output", "an output checkpoint root is required (or dry_run=true)")

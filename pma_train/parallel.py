@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -12,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from pma_train.config import ParallelConfig
-from pma_train.platform import Platform
+from pma_train.platform import Platform, init_process_group
 
 
 # megatron-core warnings that say nothing actionable about a pma-train run.
@@ -23,14 +21,7 @@ def init_distributed(parallel: ParallelConfig, platform: Platform, seed: int) ->
     """Start (or reuse) the default process group and megatron-core's parallel groups."""
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    if not dist.is_initialized():
-        # A single process without torchrun still needs a process group for megatron-core.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend=platform.backend, timeout=timedelta(minutes=30),
-                                device_id=platform.device if platform.is_cuda else None)
+    init_process_group(platform.backend, platform.device if platform.is_cuda else None)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -51,11 +42,3 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -12,8 +12,10 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 _installed = False
 
@@ -36,6 +38,25 @@ def detect(backend: str | None = None) -> Platform:
         return Platform(torch.device("cuda", local_rank), backend or "nccl")
     install_cpu_compat()
     return Platform(torch.device("cpu"), backend or "gloo")
+
+
+def init_process_group(backend: str, device: torch.device | None = None) -> None:
+    """The default process group; a single process without torchrun gets a world of one."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), device_id=device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _is_cuda_device(value) -> bool:

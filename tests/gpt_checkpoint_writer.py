@@ -4,7 +4,8 @@ write: train a megatron-core GPTModel (Llama-style, the shapes of model_configs/
     steps on the built-in corpus and save it the way Megatron-LM's GPT trainer does:
     `<root>/iter_XXXXXXX/` (torch_dist) with `model` (GPTModel.sharded_state_dict(): layers stacked
     under `decoder.layers.<name>`), `iteration`, `checkpoint_version`, `args`, `rng_state`, and
-    `<root>/latest_checkpointed_iteration.txt`. Then score the probe batch (below) with the GPTModel.
+    `<root>/latest_checkpointed_iteration.txt`; optionally the same weights again without
+    `rng_state` (Megatron-LM's --no-save-rng). Then score the probe batch with the GPTModel.
 
 load: for each TP size given, build pma-train's HybridModel, load the GPT checkpoint with
     pma_train.checkpoint.state.load_checkpoint and score the probe batch.
@@ -111,7 +112,6 @@ def _megatron_lm_rng_state():
 def write(args) -> None:
     import torch
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
     from pma_train import platform
     from pma_train.config import ParallelConfig
@@ -134,13 +134,7 @@ def write(args) -> None:
         optimizer.step()
         train_losses.append(loss.item())
 
-    root = Path(args.root)
-    ckpt = root / f"iter_{ITERATION:07d}"
-    if dist.get_rank() == 0:
-        ckpt.mkdir(parents=True, exist_ok=False)
-    dist.barrier()
-    state = {
-        "model": model.sharded_state_dict(),
+    common = {
         "iteration": ITERATION,
         "checkpoint_version": 3.0,
         "args": Namespace(
@@ -151,19 +145,32 @@ def write(args) -> None:
         ),
         "num_floating_point_operations_so_far": 0,
     }
-    if not args.no_rng:
-        state["rng_state"] = _megatron_lm_rng_state()
-    dist_checkpointing.save(state, str(ckpt))
-    dist.barrier()
+    _save(Path(args.root), {"model": model.sharded_state_dict(), "rng_state": _megatron_lm_rng_state(), **common})
+    if args.no_rng_root:  # the same weights, as a run with --no-save-rng writes them
+        _save(Path(args.no_rng_root), {"model": model.sharded_state_dict(), **common})
 
     model.eval()
     with torch.no_grad():
         probe = _loss(model, next(_global_batches(train_ds))).item()
     if dist.get_rank() == 0:
-        (root / "latest_checkpointed_iteration.txt").write_text(f"{ITERATION}")
         Path(args.out).write_text(json.dumps({"probe_loss": probe, "train_losses": train_losses,
-                                              "keys": sorted(_stored_keys(ckpt))}))
+                                              "keys": sorted(_stored_keys(Path(args.root) / f"iter_{ITERATION:07d}"))}))
     dist.destroy_process_group()
+
+
+def _save(root: Path, state: dict) -> None:
+    """Megatron-LM's layout: <root>/iter_XXXXXXX (torch_dist), then the tracker file."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    ckpt = root / f"iter_{ITERATION:07d}"
+    if dist.get_rank() == 0:
+        ckpt.mkdir(parents=True, exist_ok=False)
+    dist.barrier()
+    dist_checkpointing.save(state, str(ckpt))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (root / "latest_checkpointed_iteration.txt").write_text(f"{ITERATION}")
 
 
 def _stored_keys(ckpt: Path) -> list[str]:
@@ -196,16 +203,18 @@ def load(args) -> None:
         init_distributed(cfg.parallel, plat, cfg.seed)
         if train_ds is None:
             train_ds = _datasets(args.cache_dir)
-        chunks = build_model(cfg, plat, VOCAB)
-        with torch.no_grad():
+        probe = next(_global_batches(train_ds))
+        for root in args.root:
+            chunks = build_model(cfg, plat, VOCAB)  # fresh weights for each load
             chunks[0].eval()
-            fresh = _loss(chunks[0], next(_global_batches(train_ds))).item()
-        state = load_checkpoint(args.root, chunks)
-        with torch.no_grad():
-            loaded = _loss(chunks[0], next(_global_batches(train_ds))).item()
-        results[str(tp)] = {"fresh_loss": fresh, "loaded_loss": loaded, "iteration": state.iteration,
-                            "consumed_samples": state.consumed_samples,
-                            "dp": parallel_state.get_data_parallel_world_size()}
+            with torch.no_grad():
+                fresh = _loss(chunks[0], probe).item()
+            state = load_checkpoint(root, chunks)
+            with torch.no_grad():
+                loaded = _loss(chunks[0], probe).item()
+            results[f"{root}@tp{tp}"] = {"fresh_loss": fresh, "loaded_loss": loaded, "iteration": state.iteration,
+                                         "consumed_samples": state.consumed_samples,
+                                         "dp": parallel_state.get_data_parallel_world_size()}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results))
     parallel_state.destroy_model_parallel()
@@ -215,14 +224,18 @@ def load(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=("write", "load"))
-    parser.add_argument("--root", required=True)
+    parser.add_argument("--root", required=True, action="append",
+                        help="write: the checkpoint root (once); load: a root to load (repeatable)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--cache-dir", required=True)
     parser.add_argument("--tp", type=int, default=2, help="write: the GPTModel's TP size")
     parser.add_argument("--steps", type=int, default=20, help="write: training steps before saving")
-    parser.add_argument("--no-rng", action="store_true", help="write: like Megatron-LM's --no-save-rng")
+    parser.add_argument("--no-rng-root", help="write: also save the weights here without rng_state "
+                                              "(as Megatron-LM's --no-save-rng does)")
     parser.add_argument("--tps", default="1,2", help="load: TP sizes to load at, in turn")
     args = parser.parse_args()
+    if args.mode == "write":
+        (args.root,) = args.root
     write(args) if args.mode == "write" else load(args)
 
 

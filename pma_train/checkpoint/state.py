@@ -50,7 +50,8 @@ def _model_key(index: int, count: int) -> str:
 
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict(metadata=SHARDED_METADATA)
+    # A fresh dict per call: megatron caches the current data-parallel group in it (in place).
+    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict(metadata=dict(SHARDED_METADATA))
             for i, c in enumerate(chunks)}
 
 
@@ -89,7 +90,7 @@ def build_state_dict(chunks, optimizer, scheduler, train_state: TrainState, args
     if optimizer is not None:
         if is_loading or not _optimizer_has_state(optimizer):
             _init_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=SHARDED_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=dict(SHARDED_METADATA))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -207,6 +208,14 @@ def is_gpt_checkpoint(ckpt_dir: Path) -> bool:
 
     keys = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata.keys()
     return any(k.startswith("decoder.layers.") and not k.split(".")[2].isdigit() for k in keys)
+
+
+def _has_rng_state(ckpt_dir: Path) -> bool:
+    """Megatron-LM runs with --no-save-rng write no rng_state: then there is none to restore."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata.keys()
+    return any(k == "rng_state" or k.startswith("rng_state/") for k in keys)
 
 
 def _retarget_to_gpt(model_state: dict, chunks) -> dict:

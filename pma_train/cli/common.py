@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from pma_train.config import JobConfig
+from pma_train.config import JobConfig, MergeConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -24,6 +24,7 @@ def model_configs_dir() -> Path:
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="job_schema", node=JobConfig)
+    store.store(name="merge_schema", node=MergeConfig)
     directory = model_configs_dir()
     for path in sorted(directory.glob("*.yaml")):
         store.store(group="model", name=path.stem, node=OmegaConf.load(path))

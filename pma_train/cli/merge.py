@@ -1,0 +1,89 @@
+"""`pma-merge`: average checkpoints with the sharded engine (hydra; runs under torchrun or alone)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.checkpoint.layout import CheckpointError
+from pma_train.config import ConfigError, MergeConfig, validate_merge
+from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
+
+
+def _fail(message: str, code: int = 2) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pma-merge: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def selection(cfg: MergeConfig):
+    """(inputs oldest first, weights) for a merge request."""
+    if cfg.inputs:
+        inputs = resolve_inputs(cfg.inputs)
+    else:
+        inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration)
+    weights = merge_weights(cfg.method, len(inputs), cfg.alpha, cfg.weights, cfg.normalize, cfg.allow_negative_weights)
+    return inputs, weights
+
+
+def print_selection(inputs, weights) -> None:
+    print(f"{'iteration':>10}  {'tokens':>14}  {'weight':>9}  checkpoint")
+    for info, weight in zip(inputs, weights):
+        tokens = "?" if info.consumed_tokens is None else f"{info.consumed_tokens:,}"
+        print(f"{info.iteration:>10}  {tokens:>14}  {weight:>9.5f}  {info.path}")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="merge")
+def _run(node: DictConfig) -> None:
+    cfg: MergeConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MergeConfig), node))
+    try:
+        validate_merge(cfg)
+        inputs, weights = selection(cfg)
+    except (ConfigError, SelectionError, WeightError, CheckpointError) as err:
+        _fail(str(err))
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if cfg.dry_run:
+        if rank0:
+            print_selection(inputs, weights)
+        return
+
+    import torch.distributed as dist
+
+    from pma_train.merge.engine import MergeError, MergeRequest, run_merge
+    from pma_train.platform import init_process_group
+
+    init_process_group("gloo")
+    request = MergeRequest(inputs=inputs, weights=weights, output_root=Path(cfg.output), method=cfg.method,
+                           alpha=cfg.alpha if cfg.method == "ema" else None,
+                           budget_bytes=cfg.memory_budget_mb * 2**20, accumulate=cfg.accumulate_dtype,
+                           output_dtype=cfg.output_dtype, carry_optimizer=cfg.carry_optimizer,
+                           overwrite=cfg.overwrite, progress=cfg.progress_bar and sys.stderr.isatty())
+    if rank0:
+        print_selection(inputs, weights)
+    try:
+        summary = run_merge(request)
+    except (MergeError, CheckpointError) as err:
+        dist.destroy_process_group()
+        _fail(str(err), code=1)
+    if rank0:
+        print(f"merged {len(inputs)} checkpoints ({cfg.method}) into {summary.output}: "
+              f"read {summary.bytes_read / 2**30:.3f} GiB in {summary.seconds:.2f} s "
+              f"({summary.read_gbps:.2f} GB/s) on {summary.ranks} rank(s), {summary.pieces} pieces; "
+              f"peak RSS of the busiest rank {summary.peak_rss_bytes / 2**20:.0f} MiB "
+              f"(+{summary.peak_rss_above_start_bytes / 2**20:.0f} MiB while merging, "
+              f"budget {cfg.memory_budget_mb} MiB)")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    register_configs()
+    _run()
+
+
+if __name__ == "__main__":
+    main()

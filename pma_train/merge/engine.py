@@ -1,0 +1,337 @@
+"""The sharded merge engine: every rank streams its share of tensor pieces from the N inputs.
+
+No rank holds a model: pieces are planned from the inputs' metadata, sized to a memory budget,
+split among ranks by bytes; each rank reads only its pieces' rows (from any input layout),
+accumulates in fp32 / fp64, and writes its own data file. Rank 0 then writes the global
+metadata and publishes the result atomically in Megatron-LM's layout. Imports nothing of the
+trainer or the model: any torch_dist checkpoint (ours or Megatron-LM's) merges.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from pma_train.checkpoint import layout
+from pma_train.merge.dcp_io import (
+    OPTIMIZER_PREFIX,
+    CheckpointIndex,
+    ChunkReader,
+    ChunkWriter,
+    TensorEntry,
+    assemble_metadata,
+)
+from pma_train.merge.plan import Piece, PlanError, assign, check_compatible, plan_pieces
+from pma_train.merge.select import CheckpointInfo
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROVENANCE = "pma_merge.json"
+TMP_PREFIX = layout.TMP_PREFIX + "merge-"
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+@dataclass
+class MergeRequest:
+    inputs: list[CheckpointInfo]  # oldest first
+    weights: list[float]
+    output_root: Path
+    method: str = "explicit"
+    alpha: float | None = None
+    budget_bytes: int = 256 * 2**20
+    accumulate: str = "fp32"
+    output_dtype: str = "input"
+    carry_optimizer: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class MergeSummary:
+    output: str
+    iteration: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    read_gbps: float
+    peak_rss_bytes: int  # busiest rank, whole process
+    peak_rss_above_start_bytes: int  # busiest rank, growth during the merge
+    ranks: int
+    pieces: int
+    per_rank: list[dict] = field(default_factory=list)
+
+
+class _PeakRss:
+    """Samples this process's RSS in a thread: the peak while merging, not since start-up."""
+
+    def __init__(self, interval: float = 0.005):
+        self.process, self.interval = psutil.Process(), interval
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> "_PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def _intersect(a_off, a_size, b_off, b_size):
+    lo = [max(x, y) for x, y in zip(a_off, b_off)]
+    hi = [min(x + s, y + t) for x, s, y, t in zip(a_off, a_size, b_off, b_size)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None
+    return lo, [h - l for l, h in zip(lo, hi)]
+
+
+def _accumulate(reader: ChunkReader, entry: TensorEntry, piece: Piece, acc: torch.Tensor, weight: float,
+                source: str) -> None:
+    """acc += weight * (the piece's box of one input), reading only overlapping rows."""
+    if not piece.sizes:  # 0-d tensor
+        value = reader.read_rows(entry.chunks[0], 0, 1)
+        _check_finite(value, entry.key, source)
+        acc.add_(value.to(acc.dtype), alpha=weight)
+        return
+    covered = 0
+    for chunk in entry.chunks:
+        box = _intersect(piece.offsets, piece.sizes, chunk.offsets, chunk.sizes)
+        if box is None:
+            continue
+        lo, size = box
+        first = lo[0] - chunk.offsets[0]
+        rows = reader.read_rows(chunk, first, first + size[0])
+        block = rows[(slice(None),) + tuple(slice(lo[d] - chunk.offsets[d], lo[d] - chunk.offsets[d] + size[d])
+                                            for d in range(1, len(size)))]
+        _check_finite(block, entry.key, source)
+        target = acc[tuple(slice(lo[d] - piece.offsets[d], lo[d] - piece.offsets[d] + size[d]) for d in range(len(size)))]
+        target.add_(block.to(acc.dtype), alpha=weight)
+        covered += math.prod(size)
+    if covered != math.prod(piece.sizes):
+        raise MergeError(f"{entry.key} in {source}: stored chunks cover {covered} of the "
+                         f"{math.prod(piece.sizes)} elements at offsets {piece.offsets}")
+
+
+def _check_finite(block: torch.Tensor, key: str, source: str) -> None:
+    if block.is_floating_point() and not torch.isfinite(block).all():
+        raise MergeError(f"tensor {key} in {source} holds NaN or Inf")
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge (rank 0)",
+                            dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], dict]:
+    """Every check that can fail before anything is written."""
+    if len(request.weights) != len(request.inputs):
+        raise MergeError(f"{len(request.weights)} weights for {len(request.inputs)} inputs")
+    for info in request.inputs:
+        layout.verify_complete(info.path)
+    final = request.output_root / layout.iter_dir_name(request.inputs[-1].iteration)
+    for info in request.inputs:
+        if info.path.resolve() == final.resolve():
+            raise MergeError(f"output: {final} is one of the inputs")
+    if final.exists() and not request.overwrite:
+        raise MergeError(f"output: {final} exists (pass overwrite=true to replace it)")
+    indexes = [CheckpointIndex(info.path) for info in request.inputs]
+    names = [str(info.path) for info in request.inputs]
+    keys = indexes[-1].model_keys()
+    if not keys:
+        raise MergeError(f"{names[-1]} holds no model tensors")
+    try:
+        check_compatible(indexes, keys, names)
+    except PlanError as err:
+        raise MergeError(str(err)) from None
+    if request.carry_optimizer:
+        if not indexes[-1].optimizer_keys():
+            raise MergeError(f"carry_optimizer: {names[-1]} holds no optimizer state")
+        keys = keys + indexes[-1].optimizer_keys()
+    out_dtype = {}
+    for key in keys:
+        dtype = indexes[-1].tensors[key].dtype
+        fixed = request.output_dtype != "input" and dtype.is_floating_point and not key.startswith(OPTIMIZER_PREFIX)
+        out_dtype[key] = DTYPES[request.output_dtype] if fixed else dtype
+    return indexes, keys, out_dtype
+
+
+def run_merge(request: MergeRequest) -> MergeSummary:
+    """Merge on every rank of the default process group (gloo is enough); returns the summary."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    indexes, keys, out_dtype = _prepare(request)
+    accumulate = DTYPES[request.accumulate]
+    pieces = plan_pieces(indexes, keys, request.budget_bytes, accumulate, out_dtype)
+    mine = assign(pieces, world)[rank]
+
+    token = [uuid.uuid4().hex[:8] if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    newest = request.inputs[-1]
+    tmp = request.output_root / f"{TMP_PREFIX}{layout.iter_dir_name(newest.iteration)}.{token[0]}"
+    if rank == 0:
+        _remove_leftovers(request.output_root, newest.iteration)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+
+    reader, writer = ChunkReader(), ChunkWriter(tmp, f"__{rank}_0.distcp")
+    progress = _Progress(sum(p.nbytes for p in mine) * len(indexes), request.progress and rank == 0)
+    error = None
+    start = time.perf_counter()
+    try:
+        with _PeakRss() as rss:
+            for piece in mine:
+                writer.write_tensor(piece.key, piece.offsets, _merge_piece(reader, indexes, request, piece, accumulate,
+                                                                           out_dtype[piece.key], progress))
+            writer.close()
+    except Exception as err:  # reported collectively below, so no rank hangs in a barrier
+        error = f"{type(err).__name__}: {err}" if not isinstance(err, MergeError) else str(err)
+        rss = None
+    finally:
+        progress.close()
+        reader.close()
+    seconds = time.perf_counter() - start
+    report = {"rank": rank, "error": error, "tensors": writer.tensors, "bytes_read": reader.bytes_read,
+              "bytes_written": writer.bytes_written, "seconds": seconds, "pieces": len(mine),
+              "peak_rss": rss.peak if rss else 0, "rss_growth": (rss.peak - rss.start) if rss else 0}
+    reports = [None] * world
+    dist.all_gather_object(reports, report)
+    errors = [r["error"] for r in reports if r["error"]]
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise MergeError(errors[0])
+
+    summary = MergeSummary(
+        output=str(request.output_root / layout.iter_dir_name(newest.iteration)), iteration=newest.iteration,
+        bytes_read=sum(r["bytes_read"] for r in reports), bytes_written=sum(r["bytes_written"] for r in reports),
+        seconds=max(r["seconds"] for r in reports), read_gbps=0.0,
+        peak_rss_bytes=max(r["peak_rss"] for r in reports), peak_rss_above_start_bytes=max(r["rss_growth"] for r in reports),
+        ranks=world, pieces=len(pieces),
+        per_rank=[{k: r[k] for k in ("rank", "bytes_read", "seconds", "pieces", "peak_rss", "rss_growth")} for r in reports])
+    summary.read_gbps = summary.bytes_read / max(summary.seconds, 1e-9) / 1e9
+    if rank == 0:
+        try:
+            _finish(request, indexes, keys, out_dtype, tmp, [t for r in reports for t in r["tensors"]], summary)
+        except Exception:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier()
+    return summary
+
+
+def _remove_leftovers(output_root: Path, iteration: int) -> None:
+    """Temporaries of an earlier, killed merge into this very output checkpoint."""
+    if output_root.is_dir():
+        for path in output_root.glob(f"{TMP_PREFIX}{layout.iter_dir_name(iteration)}.*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, progress) -> torch.Tensor:
+    entries = [index.tensors[piece.key] for index in indexes]
+    newest = entries[-1]
+    # Optimizer moments (carried) and integer buffers are copied from the newest input, never averaged.
+    if piece.key.startswith(OPTIMIZER_PREFIX) or not newest.dtype.is_floating_point:
+        acc = torch.zeros(piece.sizes, dtype=torch.float64 if newest.dtype.is_floating_point else newest.dtype)
+        if newest.dtype.is_floating_point:
+            _accumulate(reader, newest, piece, acc, 1.0, str(request.inputs[-1].path))
+        else:
+            _copy_exact(reader, newest, piece, acc)
+        progress.update(piece.nbytes)
+        return acc.to(out_dtype)
+    acc = torch.zeros(piece.sizes, dtype=accumulate)
+    for entry, info, weight in zip(entries, request.inputs, request.weights):
+        _accumulate(reader, entry, piece, acc, weight, str(info.path))
+        progress.update(piece.nbytes)
+    return acc.to(out_dtype)
+
+
+def _copy_exact(reader: ChunkReader, entry: TensorEntry, piece: Piece, out: torch.Tensor) -> None:
+    for chunk in entry.chunks:
+        box = _intersect(piece.offsets, piece.sizes, chunk.offsets, chunk.sizes) if piece.sizes else ([], [])
+        if box is None:
+            continue
+        lo, size = box
+        if not piece.sizes:
+            out.copy_(reader.read_rows(chunk, 0, 1).reshape(()))
+            return
+        first = lo[0] - chunk.offsets[0]
+        rows = reader.read_rows(chunk, first, first + size[0])
+        block = rows[(slice(None),) + tuple(slice(lo[d] - chunk.offsets[d], lo[d] - chunk.offsets[d] + size[d])
+                                            for d in range(1, len(size)))]
+        out[tuple(slice(lo[d] - piece.offsets[d], lo[d] - piece.offsets[d] + size[d]) for d in range(len(size)))].copy_(block)
+
+
+def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors, summary: MergeSummary) -> None:
+    """Rank 0: non-tensor entries from the newest input, global metadata, provenance, publish."""
+    newest, newest_index = request.inputs[-1], indexes[-1]
+    reader, writer = ChunkReader(), ChunkWriter(tmp, "__0_1.distcp")
+    for stored in newest_index.bytes:
+        if stored.index.fqn.startswith(OPTIMIZER_PREFIX) and not request.carry_optimizer:
+            continue
+        writer.write_bytes(stored.index.fqn, reader.read_raw(stored.file, stored.offset, stored.length))
+    writer.close()
+    reader.close()
+    shapes = {k: (newest_index.tensors[k].shape, out_dtype[k]) for k in keys}
+    metadata = assemble_metadata(newest_index.metadata, shapes, tensors, writer.byte_entries)
+    with open(tmp / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    for name in ("metadata.json", "common.pt", "pma_train.json"):
+        if (newest.path / name).is_file():
+            shutil.copy2(newest.path / name, tmp / name)
+    provenance = {
+        "tool": "pma-merge", "version": _version(), "method": request.method, "alpha": request.alpha,
+        "inputs": [{"path": str(i.path), "iteration": i.iteration, "consumed_tokens": i.consumed_tokens, "weight": w}
+                   for i, w in zip(request.inputs, request.weights)],
+        "accumulate_dtype": request.accumulate, "output_dtype": request.output_dtype,
+        "optimizer_state": "carried from the newest input" if request.carry_optimizer else "dropped",
+        "summary": {k: v for k, v in asdict(summary).items() if k != "per_rank"},
+    }
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
+    layout.verify_complete(tmp)
+    final = request.output_root / layout.iter_dir_name(newest.iteration)
+    layout.publish(tmp, final)
+    latest = layout.read_tracker(request.output_root)
+    if latest is None or latest <= newest.iteration:
+        layout.write_tracker(request.output_root, newest.iteration)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pma-train")
+    except Exception:
+        return "unknown"

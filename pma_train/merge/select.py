@@ -1,0 +1,103 @@
+"""Which checkpoints to merge: explicit directories, or the last N of a root spaced V tokens apart."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pma_train.checkpoint import layout
+from pma_train.checkpoint.layout import CheckpointError
+
+SIDE_CAR = "pma_train.json"
+
+
+class SelectionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    iteration: int
+    consumed_tokens: int | None
+
+
+def describe(path: str | Path) -> CheckpointInfo:
+    """A checkpoint's iteration and consumed tokens (from pma-train's side-car, else Megatron-LM args)."""
+    ckpt = layout.resolve_checkpoint(path)
+    sidecar = ckpt / SIDE_CAR
+    if sidecar.is_file():
+        data = json.loads(sidecar.read_text())
+        return CheckpointInfo(ckpt, int(data["iteration"]), int(data["consumed_tokens"]))
+    iteration = layout.iteration_of(ckpt)
+    tokens = _megatron_tokens(ckpt)
+    return CheckpointInfo(ckpt, iteration if iteration is not None else -1, tokens)
+
+
+def _megatron_tokens(ckpt: Path) -> int | None:
+    """consumed_train_samples * seq_length from a Megatron-LM checkpoint's args, if readable."""
+    try:
+        from megatron.core.dist_checkpointing import load_common_state_dict
+
+        args = load_common_state_dict(str(ckpt)).get("args")
+    except Exception:  # not a megatron checkpoint, or unreadable common state: tokens unknown
+        return None
+    if args is None or not hasattr(args, "consumed_train_samples"):
+        return None
+    return int(args.consumed_train_samples) * int(getattr(args, "seq_length", 0))
+
+
+def checkpoints_of(root: str | Path) -> list[CheckpointInfo]:
+    root = Path(root)
+    if not root.is_dir():
+        raise SelectionError(f"root: {root} is not a directory")
+    return [describe(root / layout.iter_dir_name(i)) for i in layout.list_iterations(root)]
+
+
+def select_spaced(root: str | Path, n: int, v_tokens: int | None = None, v_iterations: int | None = None,
+                  end_iteration: int | None = None) -> list[CheckpointInfo]:
+    """The newest checkpoint at or before end_iteration and the n-1 before it, spaced exactly V apart.
+
+    With neither spacing given, the n most recent checkpoints. Oldest first.
+    """
+    available = checkpoints_of(root)
+    if end_iteration is not None:
+        available = [c for c in available if c.iteration <= end_iteration]
+    if not available:
+        raise SelectionError(f"root: no checkpoints in {root}"
+                             + (f" at or before iteration {end_iteration}" if end_iteration is not None else ""))
+    if v_tokens is None and v_iterations is None:
+        if len(available) < n:
+            raise SelectionError(f"n: {n} checkpoints requested, {root} has {len(available)}")
+        return available[-n:]
+    use_tokens = v_tokens is not None
+    if use_tokens and any(c.consumed_tokens is None for c in available):
+        missing = next(c for c in available if c.consumed_tokens is None)
+        raise SelectionError(f"v_tokens: {missing.path} records no consumed tokens; use v_iterations")
+    position = (lambda c: c.consumed_tokens) if use_tokens else (lambda c: c.iteration)
+    spacing = v_tokens if use_tokens else v_iterations
+    by_position = {position(c): c for c in available}
+    newest = available[-1]
+    chosen = []
+    for k in range(n - 1, -1, -1):
+        target = position(newest) - k * spacing
+        if target not in by_position:
+            unit = "tokens" if use_tokens else "iterations"
+            have = sorted(by_position)
+            raise SelectionError(
+                f"{'v_tokens' if use_tokens else 'v_iterations'}: no checkpoint at {target} {unit} "
+                f"(n={n} spaced {spacing} back from {position(newest)}); checkpoints are at {have[:20]}"
+                f"{' ...' if len(have) > 20 else ''}")
+        chosen.append(by_position[target])
+    return chosen
+
+
+def resolve_inputs(paths: list[str]) -> list[CheckpointInfo]:
+    infos = []
+    for path in paths:
+        try:
+            infos.append(describe(path))
+        except CheckpointError as err:
+            raise SelectionError(f"inputs: {err}") from None
+    return infos
