@@ -25,7 +25,7 @@ PROBE_OVERRIDES = [f"seed={PROBE['seed']}", f"train.iters={PROBE['iters']}", f"t
                    f"train.global_batch_size={PROBE['global_batch_size']}",
                    f"train.micro_batch_size={PROBE['micro_batch_size']}", f"train.seq_length={PROBE['seq_length']}",
                    "train.log_interval=1", f"train.eval_interval={PROBE['iters']}", "schedule.warmup_iters=2"]
-REFUSAL = "is a GPTModel checkpoint: load it with checkpoint.init_from"
+REFUSAL = "is a GPTModel checkpoint (Megatron-LM); its optimizer state is keyed for GPTModel"
 
 
 def _run_helper(args: list[str], nproc: int, cache) -> None:
@@ -114,10 +114,7 @@ def test_resume_from_gpt_checkpoint_is_refused_by_name(refused, gpt):
     assert refused.losses() == {}
 
 
-@pytest.mark.xfail(strict=True, reason="the refusal is raised inside Trainer (after process groups, model and "
-                   "optimizer are built) and reaches the user as a hydra traceback; the CLI's pre-flight "
-                   "check_checkpoints does not detect a GPT checkpoint being resumed")
 def test_resume_refusal_is_a_one_line_configuration_error(refused):
     assert refused.returncode == 2
     assert "Traceback" not in refused.output, refused.output[-3000:]
-    assert f"pma-train: configuration error: checkpoint.load: " in refused.output
+    assert "pma-train: configuration error: checkpoint.load: " in refused.output

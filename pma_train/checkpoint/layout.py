@@ -115,6 +115,14 @@ def check_loadable(path: str | Path) -> Path:
     return ckpt
 
 
+def is_gpt_checkpoint(ckpt_dir: Path) -> bool:
+    """Megatron-LM GPTModel checkpoints stack layers under one key: decoder.layers.<name> (no index)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata.keys()
+    return any(k.startswith("decoder.layers.") and not k.split(".")[2].isdigit() for k in keys)
+
+
 def temporary_dir(root: Path, iteration: int, token: str) -> Path:
     return Path(root) / f"{TMP_PREFIX}{iter_dir_name(iteration)}.{token}"
 

@@ -23,7 +23,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from pma_train.checkpoint import layout
-from pma_train.checkpoint.layout import CheckpointError
+from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
 # What Megatron-LM passes when it builds sharded state dicts (see MEGATRON_ON_CPU.md).
@@ -202,14 +202,6 @@ def read_train_state(ckpt_dir: str | Path) -> TrainState:
     return TrainState(iteration=int(common.get("iteration", 0)), consumed_samples=samples, consumed_tokens=samples * seq)
 
 
-def is_gpt_checkpoint(ckpt_dir: Path) -> bool:
-    """Megatron-LM GPTModel checkpoints stack layers under one key: decoder.layers.<name> (no index)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata.keys()
-    return any(k.startswith("decoder.layers.") and not k.split(".")[2].isdigit() for k in keys)
-
-
 def _has_rng_state(ckpt_dir: Path) -> bool:
     """Megatron-LM runs with --no-save-rng write no rng_state: then there is none to restore."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -242,7 +234,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     if gpt and optimizer is not None:
         raise CheckpointError(f"{ckpt} is a GPTModel checkpoint: load it with checkpoint.init_from "
                               "(weights only); its optimizer state is keyed for GPTModel")
-    with_rng = same_layout_rng and _same_layout(common.get("args"))
+    with_rng = same_layout_rng and _same_layout(common.get("args")) and _has_rng_state(ckpt)
     train_state = read_train_state(ckpt)
     state = build_state_dict(chunks, optimizer, scheduler, train_state, None, is_loading=True, with_rng=with_rng)
     for key in ("iteration", "checkpoint_version", "pma_train", "num_floating_point_operations_so_far"):

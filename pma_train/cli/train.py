@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pma_train.cli.common import CONF_DIR, register_configs
-from pma_train.checkpoint.layout import CheckpointError, check_loadable, list_iterations
+from pma_train.checkpoint.layout import CheckpointError, check_loadable, is_gpt_checkpoint, list_iterations
 from pma_train.config import ConfigError, JobConfig, to_job_config, validate
 
 
@@ -26,6 +26,11 @@ def check_checkpoints(job: JobConfig) -> None:
             check_loadable(c.dir)
         except CheckpointError as err:
             raise CheckpointError(f"checkpoint.dir (auto-resume): {err}") from None
+    resume = c.load or (c.dir if list_iterations(c.dir) else None)
+    if resume is not None and not c.no_load_optim and is_gpt_checkpoint(check_loadable(resume)):
+        raise CheckpointError(f"checkpoint.load: {check_loadable(resume)} is a GPTModel checkpoint (Megatron-LM); "
+                              "its optimizer state is keyed for GPTModel: start from its weights with "
+                              "checkpoint.init_from, or resume without optimizer (checkpoint.no_load_optim=true)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

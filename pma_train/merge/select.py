@@ -37,6 +37,8 @@ def describe(path: str | Path) -> CheckpointInfo:
 
 def _megatron_tokens(ckpt: Path) -> int | None:
     """consumed_train_samples * seq_length from a Megatron-LM checkpoint's args, if readable."""
+    if not (ckpt / "metadata.json").is_file() and not (ckpt / "common.pt").is_file():
+        return None  # not written by megatron: no args to read (and no need to import megatron)
     try:
         from megatron.core.dist_checkpointing import load_common_state_dict
 
