@@ -54,5 +54,44 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+
+
+def live_merge_main() -> None:
+    """torchrun ... -m tests.dist_checks live OUT_JSON TP CKPT_ROOT N: average the last N checkpoints
+    into a TP-sharded model (SMA) and dump every rank's parameter shards for comparison."""
+    import json
+
+    out_json, tp, root, n = sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    from pma_train.checkpoint import layout
+    from pma_train.config import JobConfig
+    from pma_train.merge.live import average_into_model
+    from pma_train.model import build_model
+    from pma_train.parallel import init_distributed
+    from pma_train.platform import detect
+
+    cfg = JobConfig()
+    cfg.parallel.tp = tp
+    platform = detect()
+    init_distributed(cfg.parallel, platform, cfg.seed)
+    chunks = build_model(cfg, platform, vocab_size=257)
+    iterations = layout.list_iterations(root)[-n:]
+    average_into_model(chunks, [f"{root}/{layout.iter_dir_name(i)}" for i in iterations], [1.0 / n] * n)
+    from pma_train.checkpoint.state import model_sharded_state_dict
+    from megatron.core import dist_checkpointing
+
+    out = out_json.replace(".json", "")
+    if dist.get_rank() == 0:
+        import os
+
+        os.makedirs(out)
+    dist.barrier()
+    dist_checkpointing.save(model_sharded_state_dict(chunks), out)  # what the live model now holds
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(out_json, "w") as f:
+            json.dump({"iterations": iterations}, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    live_merge_main() if sys.argv[1] == "live" else main()

@@ -216,3 +216,23 @@ def test_dry_run_prints_selection_only(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "0.33333" in proc.stdout and "0.66667" in proc.stdout and str(b) in proc.stdout
     assert not (tmp_path / "a" / "merged").exists()
+
+
+def test_in_job_average_equals_offline_merge(tmp_path):
+    """average_into_model (each TP rank reads its own shards into the live model) gives exactly the
+    offline engine's result on the same checkpoints."""
+    run_dir = tmp_path / "run"
+    train(run_dir, TRAIN + ["train.iters=6"], nproc=1)
+    ckpts = run_dir / "checkpoints"
+    offline = tmp_path / "offline"
+    proc = merge_cli([f"root={ckpts}", "n=3", "method=sma", f"output={offline}"], nproc=None)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    live = tmp_path / "live.json"
+    proc = run_module(["tests.dist_checks", "live", str(live), "2", str(ckpts), "3"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads(live.read_text())["iterations"] == [2, 4, 6]
+    got = full_tensors(tmp_path / "live", tmp_path)
+    want = full_tensors(layout.resolve_checkpoint(offline), tmp_path)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=0, atol=1e-7), key
