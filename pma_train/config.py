@@ -251,8 +251,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if world_size % model_parallel:
         _fail("parallel", f"world size {world_size} is not a multiple of tp*pp={model_parallel}")
     dp = world_size // model_parallel
-    if p.ep > 1 and (dp * p.tp) % (p.ep * p.tp) and dp % p.ep:
-        _fail("parallel.ep", f"{p.ep} does not divide the data-parallel size {dp}")
+    if dp % p.ep:
+        # Experts are sharded over EP ranks taken from the data-parallel ranks of each TP x PP slice.
+        _fail("parallel.ep", f"{p.ep} does not divide the data-parallel size {dp} (world {world_size} / tp*pp)")
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
         _fail("train.global_batch_size", "batch sizes must be >= 1")
     if t.global_batch_size % (t.micro_batch_size * dp):

@@ -123,7 +123,8 @@ class _FakeStream:
         return False
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        # record_event(), wait_stream(), synchronize(), ...: a no-op that can be chained.
+        return lambda *args, **kwargs: _FakeStream()
 
     def elapsed_time(self, other) -> float:
         return 0.0
@@ -141,6 +142,14 @@ def _seed_cpu_generator(seed, *args, **kwargs):
     torch.default_generator.manual_seed(int(seed))
 
 
+def _own(fn):
+    """A distinct function object per patched name: torch.compile's rule table keys on identity."""
+    def patched(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return patched
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     # The "CUDA" generator is the CPU default generator, so megatron's RNG tracker forks the
@@ -156,26 +165,24 @@ def _patch_torch_cuda() -> None:
         "initial_seed": lambda: torch.default_generator.initial_seed(),
     }
     for name, fn in rng.items():
-        setattr(cuda, name, fn)
-        setattr(cuda.random, name, fn)
+        setattr(cuda, name, _own(fn))
+        setattr(cuda.random, name, _own(fn))
     cuda.default_generators = (torch.default_generator,)
-    torch._C._cuda_setRNGState = lambda state: _set_cpu_rng_state(state)
+    torch._C._cuda_setRNGState = _own(_set_cpu_rng_state)
 
-    noop = lambda *args, **kwargs: None  # noqa: E731
-    zero = lambda *args, **kwargs: 0  # noqa: E731
     for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats",
                  "reset_max_memory_allocated", "_lazy_init", "init"):
-        setattr(cuda, name, noop)
+        setattr(cuda, name, _own(lambda *args, **kwargs: None))
     for name in ("current_device", "memory_allocated", "max_memory_allocated",
                  "memory_reserved", "max_memory_reserved"):
-        setattr(cuda, name, zero)
+        setattr(cuda, name, _own(lambda *args, **kwargs: 0))
     cuda.Stream = _FakeStream
     cuda.Event = _FakeStream
-    cuda.current_stream = lambda *args, **kwargs: _FakeStream()
-    cuda.default_stream = lambda *args, **kwargs: _FakeStream()
-    cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
-    cuda.device = lambda *args, **kwargs: contextlib.nullcontext()
-    cuda.memory_stats = lambda *args, **kwargs: {}
+    cuda.current_stream = _own(lambda *args, **kwargs: _FakeStream())
+    cuda.default_stream = _own(lambda *args, **kwargs: _FakeStream())
+    cuda.stream = _own(lambda *args, **kwargs: contextlib.nullcontext())
+    cuda.device = _own(lambda *args, **kwargs: contextlib.nullcontext())
+    cuda.memory_stats = _own(lambda *args, **kwargs: {})
 
 
 def _patch_tensor_methods() -> None:
@@ -239,4 +246,9 @@ def install_cpu_compat() -> None:
     _patch_tensor_methods()
     _patch_factories()
     _patch_megatron()
+    # megatron compiles a few MoE helpers with torch.compile: on a CPU host that costs seconds of
+    # C++ compilation per shape for nothing worth having.
+    from torch import _dynamo
+
+    _dynamo.config.disable = True
     _installed = True

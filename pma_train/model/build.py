@@ -92,6 +92,18 @@ def transformer_config(cfg: JobConfig, platform: Platform) -> TransformerConfig:
     )
 
 
+def _mark_experts(chunk: torch.nn.Module) -> None:
+    """Treat expert weights as expert-parallel at EP=1 too (megatron only does for EP > 1).
+
+    megatron then always builds separate dense and expert optimizers, so the optimizer state in a
+    checkpoint has one structure whatever the EP size, and EP=2 checkpoints resume at EP=1 (and back).
+    At EP=1 the expert data-parallel group is the data-parallel group: gradients reduce the same way.
+    """
+    for name, param in chunk.named_parameters():
+        if ".experts." in name and ".shared_experts." not in name:
+            param.allreduce = False
+
+
 def build_model(cfg: JobConfig, platform: Platform, vocab_size: int) -> list[HybridModel]:
     """Model chunks of this rank (one, or one per virtual stage), initialised layout-invariantly."""
     config = transformer_config(cfg, platform)
@@ -117,5 +129,6 @@ def build_model(cfg: JobConfig, platform: Platform, vocab_size: int) -> list[Hyb
         )
         chunk.to(platform.device)
         initialise_layout_invariant(chunk, cfg.seed, config)
+        _mark_experts(chunk)
         chunks.append(chunk)
     return chunks

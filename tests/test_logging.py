@@ -1,0 +1,26 @@
+"""Metrics: the JSONL file is complete, and wandb in offline mode writes a run with the same keys."""
+
+from __future__ import annotations
+
+import json
+
+from tests.launch import train
+
+
+def test_jsonl_and_wandb_offline(tmp_path):
+    run = train(tmp_path / "run", ["train.iters=4", "train.log_interval=2", "train.eval_interval=4", "train.eval_iters=1",
+                                   "train.global_batch_size=4", "train.micro_batch_size=2", "train.seq_length=32",
+                                   "schedule.warmup_iters=1", "checkpoint.interval=100", "checkpoint.save_at_end=false",
+                                   "logging.wandb.mode=offline"], nproc=None)
+    train_rows = run.records("train")
+    assert [r["step"] for r in train_rows] == [2, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_s", "consumed_tokens", "time_fwd_bwd_s",
+                "time_optimizer_s", "time_data_s"):
+        assert key in train_rows[0], key
+    assert run.records("val")[0]["step"] == 4
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "run").rglob("*"))[:20]
+    history = runs[0] / "files" / "wandb-summary.json"
+    summary = json.loads(history.read_text()) if history.exists() else {}
+    assert "train/loss" in summary and "val/loss" in summary, summary
+    assert (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").is_file()
