@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from tests.launch import train
 
 
@@ -20,7 +18,7 @@ def test_jsonl_and_wandb_offline(tmp_path):
     assert run.records("val")[0]["step"] == 4
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "run").rglob("*"))[:20]
-    history = runs[0] / "files" / "wandb-summary.json"
-    summary = json.loads(history.read_text()) if history.exists() else {}
-    assert "train/loss" in summary and "val/loss" in summary, summary
-    assert (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").is_file()
+    # The offline run file is wandb's record log (protobuf records): the metric keys are in it.
+    records = (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").read_bytes()
+    for key in (b"train/loss", b"train/grad_norm", b"train/tokens_per_s", b"val/loss"):
+        assert key in records, key
