@@ -101,7 +101,9 @@ class TrainConfig:
 
 @dataclass
 class ScheduleConfig:
-    # constant | wsd | cosine
+    # constant | wsd | cosine | anneal. `anneal` is an annealing branch: fork from checkpoint.load
+    # (weights + optimizer) and decay from train.lr to train.min_lr with decay_shape, from the
+    # fork's iteration to train.iters, in a run (and checkpoint.dir) of its own.
     name: str = "constant"
     warmup_iters: int = 20
     # WSD decay: shape linear | cosine | 1-sqrt | exponential; length as a fraction of train.iters,
@@ -110,6 +112,19 @@ class ScheduleConfig:
     decay_fraction: float = 0.2
     decay_iters: Optional[int] = None
     decay_tokens: Optional[int] = None
+
+
+@dataclass
+class InitMergeConfig:
+    """PMA-init: start from the average of a run's last n checkpoints (fresh optimizer, iteration 0)."""
+
+    root: Optional[str] = None
+    n: int = 10
+    v_tokens: Optional[int] = None
+    v_iterations: Optional[int] = None
+    end_iteration: Optional[int] = None
+    method: str = "sma"
+    alpha: float = 0.2
 
 
 @dataclass
@@ -126,6 +141,7 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     # Load the model only when resuming (optimizer re-initialised).
     no_load_optim: bool = False
+    init_merge: InitMergeConfig = field(default_factory=InitMergeConfig)
 
 
 @dataclass
@@ -272,8 +288,24 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.precision", f"'{t.precision}' is not one of auto, fp32, bf16, fp16")
 
-    if s.name not in ("constant", "wsd", "cosine"):
-        _fail("schedule.name", f"'{s.name}' is not one of constant, wsd, cosine")
+    if s.name not in ("constant", "wsd", "cosine", "anneal"):
+        _fail("schedule.name", f"'{s.name}' is not one of constant, wsd, cosine, anneal")
+    if s.name == "anneal":
+        if s.decay_shape not in ("linear", "cosine", "1-sqrt"):
+            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt")
+        if cfg.checkpoint.load is None:
+            _fail("checkpoint.load", "schedule=anneal forks from a checkpoint: set checkpoint.load")
+        if Path(cfg.checkpoint.dir).resolve() in (Path(cfg.checkpoint.load).resolve(),
+                                                  Path(cfg.checkpoint.load).resolve().parent):
+            _fail("checkpoint.dir", "an annealing branch writes its own checkpoints: give it another checkpoint.dir")
+    im = cfg.checkpoint.init_merge
+    if im.root is not None:
+        if not Path(im.root).is_dir():
+            _fail("checkpoint.init_merge.root", f"{im.root} is not a directory")
+        if cfg.checkpoint.init_from is not None:
+            _fail("checkpoint.init_merge.root", "give checkpoint.init_from or checkpoint.init_merge.root, not both")
+        if im.method not in ("sma", "ema", "wma"):
+            _fail("checkpoint.init_merge.method", f"'{im.method}' is not one of sma, ema, wma")
     if s.warmup_iters < 0:
         _fail("schedule.warmup_iters", f"must be >= 0, got {s.warmup_iters}")
     if s.name != "constant" and s.warmup_iters >= t.iters:

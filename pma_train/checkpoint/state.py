@@ -192,7 +192,8 @@ def read_train_state(ckpt_dir: str | Path) -> TrainState:
     sidecar = Path(ckpt_dir) / SIDE_CAR
     if sidecar.is_file():
         data = json.loads(sidecar.read_text())
-        return TrainState(**{k: data[k] for k in ("iteration", "consumed_samples", "consumed_tokens")})
+        return TrainState(**{k: data[k] for k in ("iteration", "consumed_samples", "consumed_tokens")},
+                          extra=dict(data.get("extra", {})))
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     if "pma_train" in common:
         return TrainState(**common["pma_train"])

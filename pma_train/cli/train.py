@@ -26,6 +26,13 @@ def check_checkpoints(job: JobConfig) -> None:
             check_loadable(c.dir)
         except CheckpointError as err:
             raise CheckpointError(f"checkpoint.dir (auto-resume): {err}") from None
+    if job.schedule.name == "anneal" and c.load is not None and not list_iterations(c.dir):
+        from pma_train.merge.select import describe
+
+        fork = describe(c.load).iteration
+        if job.train.iters <= fork:
+            raise CheckpointError(f"train.iters: {job.train.iters} must be beyond the fork's iteration {fork} "
+                                  "for an annealing branch")
     resume = c.load or (c.dir if list_iterations(c.dir) else None)
     if resume is not None and not c.no_load_optim and is_gpt_checkpoint(check_loadable(resume)):
         raise CheckpointError(f"checkpoint.load: {check_loadable(resume)} is a GPTModel checkpoint (Megatron-LM); "

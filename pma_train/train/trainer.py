@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
-from pma_train.config import JobConfig, validate
+from pma_train.config import ConfigError, JobConfig, validate
 from pma_train.data import EvalIterator, MicroBatchIterator, build_datasets, build_tokenizer
 from pma_train.metrics import MetricsLogger
 from pma_train.model import build_model
 from pma_train.parallel import init_distributed
-from pma_train.schedule import build_scheduler, scheduler_increment
+from pma_train.schedule import build_annealing_scheduler, build_scheduler, scheduler_increment
 from pma_train.train.optim import build_optimizer, wrap_ddp
 from pma_train.train.step import DataTimer, make_forward_step, reduce_lm_loss
 
@@ -57,7 +57,9 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         self.tokens_per_iter = cfg.train.global_batch_size * cfg.train.seq_length
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.train, self.tokens_per_iter)
+        self.scheduler = None if cfg.schedule.name == "anneal" else build_scheduler(
+            self.optimizer, cfg.schedule, cfg.train, self.tokens_per_iter)
+        self.log_lines: list[str] = []
         self.state = self._load_initial_state()
 
         t = cfg.train
@@ -74,13 +76,44 @@ class Trainer:
 
     def _load_initial_state(self) -> TrainState:
         c = self.cfg.checkpoint
-        resume_from = c.load or (self.ckpt_root if layout.list_iterations(self.ckpt_root) else None)
+        own = self.ckpt_root if layout.list_iterations(self.ckpt_root) else None
+        if self.cfg.schedule.name == "anneal":
+            return self._start_annealing_branch(own)
+        resume_from = own if c.load is None else c.load
         if resume_from is not None:
             optimizer = None if c.no_load_optim else self.optimizer
             return load_checkpoint(resume_from, self.model, optimizer, self.scheduler)
         if c.init_from is not None:
             load_checkpoint(c.init_from, self.model)
+        elif c.init_merge.root is not None:
+            self._init_from_merge()
         return TrainState()
+
+    def _init_from_merge(self) -> None:
+        """PMA-init: the average of a run's last n checkpoints, loaded shard by shard into this model."""
+        from pma_train.merge import merge_weights, select_spaced
+        from pma_train.merge.live import average_into_model
+
+        m = self.cfg.checkpoint.init_merge
+        chosen = select_spaced(m.root, m.n, m.v_tokens, m.v_iterations, m.end_iteration)
+        weights = merge_weights(m.method, len(chosen), m.alpha)
+        average_into_model(self.model, [c.path for c in chosen], weights)
+        self.log_lines.append(f"PMA-init: {m.method} of iterations {[c.iteration for c in chosen]} of {m.root}")
+
+    def _start_annealing_branch(self, own_checkpoints) -> TrainState:
+        """Fork from checkpoint.load (weights, optimizer, data position) and anneal to train.iters;
+        a restarted branch resumes from its own checkpoints."""
+        t = self.cfg.train
+        state = load_checkpoint(own_checkpoints or self.cfg.checkpoint.load, self.model, self.optimizer, None)
+        start = state.extra.setdefault("anneal_start_iteration", state.iteration)
+        if t.iters <= start:
+            raise ConfigError(f"train.iters: {t.iters} must be beyond the fork's iteration {start} for an annealing branch")
+        self.scheduler = build_annealing_scheduler(self.optimizer, start, t.lr, t.min_lr, t.iters - start,
+                                                   self.cfg.schedule.decay_shape, weight_decay=t.weight_decay)
+        self.scheduler.step(increment=state.iteration - start)
+        self.log_lines.append(f"annealing branch: from iteration {start} (lr {t.lr:g}) to {t.iters} "
+                              f"(lr {t.min_lr:g}, {self.cfg.schedule.decay_shape})")
+        return state
 
     def _data_iterators(self, consumed_samples: int):
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -100,6 +133,8 @@ class Trainer:
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.log.print(f"pma-train: {self._describe()}")
+        for line in self.log_lines:
+            self.log.print(line)
         start_iter, start_time = self.state.iteration, time.perf_counter()
         window = _Window()
         last_eval = None
