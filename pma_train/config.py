@@ -183,6 +183,22 @@ class LoggingConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Track the PMA merge of the run's last n grid checkpoints and evaluate it next to the live model."""
+
+    enabled: bool = False
+    n: int = 5
+    # Grid spacing: every v_iterations (default checkpoint.interval) or v_tokens; a multiple of
+    # checkpoint.interval, since snapshots are taken when checkpoints are.
+    v_iterations: Optional[int] = None
+    v_tokens: Optional[int] = None
+    method: str = "sma"
+    alpha: float = 0.2
+    # Also save the merged weights (model only) under <run.dir>/merged at every eval.
+    save: bool = False
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/${model.name}-${now:%Y%m%d-%H%M%S}"
     name: str = "${model.name}"
@@ -198,6 +214,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     seed: int = 1234
 
 
@@ -223,6 +240,17 @@ def _fail(field_name: str, message: str) -> None:
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def track_spacing_iters(cfg: JobConfig) -> int:
+    """The tracked merge's grid spacing in iterations."""
+    tr, t = cfg.track, cfg.train
+    if tr.v_tokens is not None:
+        tokens_per_iter = t.global_batch_size * t.seq_length
+        if tr.v_tokens % tokens_per_iter:
+            _fail("track.v_tokens", f"{tr.v_tokens} is not a multiple of the {tokens_per_iter} tokens per iteration")
+        return tr.v_tokens // tokens_per_iter
+    return tr.v_iterations or cfg.checkpoint.interval
 
 
 def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
@@ -298,6 +326,16 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         if Path(cfg.checkpoint.dir).resolve() in (Path(cfg.checkpoint.load).resolve(),
                                                   Path(cfg.checkpoint.load).resolve().parent):
             _fail("checkpoint.dir", "an annealing branch writes its own checkpoints: give it another checkpoint.dir")
+    tr = cfg.track
+    if tr.enabled:
+        if tr.n < 1:
+            _fail("track.n", f"must be >= 1, got {tr.n}")
+        if tr.method not in ("sma", "ema", "wma"):
+            _fail("track.method", f"'{tr.method}' is not one of sma, ema, wma")
+        spacing = track_spacing_iters(cfg)
+        if spacing % cfg.checkpoint.interval:
+            _fail("track.v_iterations" if tr.v_tokens is None else "track.v_tokens",
+                  f"the grid spacing ({spacing} iterations) must be a multiple of checkpoint.interval={cfg.checkpoint.interval}")
     im = cfg.checkpoint.init_merge
     if im.root is not None:
         if not Path(im.root).is_dir():

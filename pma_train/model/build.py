@@ -104,9 +104,15 @@ def _mark_experts(chunk: torch.nn.Module) -> None:
             param.allreduce = False
 
 
-def build_model(cfg: JobConfig, platform: Platform, vocab_size: int) -> list[HybridModel]:
-    """Model chunks of this rank (one, or one per virtual stage), initialised layout-invariantly."""
+def build_model(cfg: JobConfig, platform: Platform, vocab_size: int, *, initialise: bool = True) -> list[HybridModel]:
+    """Model chunks of this rank (one, or one per virtual stage), initialised layout-invariantly.
+
+    initialise=False builds the modules only (no weight init, no device move): for shape-only
+    builds under `torch.device("meta")`, e.g. by pma-plan.
+    """
     config = transformer_config(cfg, platform)
+    if not initialise:
+        config.perform_initialization = False
     use_te = platform.is_cuda and have_transformer_engine()
     spec = te_stack_spec() if use_te else local_stack_spec(cfg.model.num_experts, config.moe_grouped_gemm)
     vpp = cfg.parallel.vpp
@@ -127,8 +133,9 @@ def build_model(cfg: JobConfig, platform: Platform, vocab_size: int) -> list[Hyb
             rotary_base=cfg.model.rotary_base,
             vp_stage=stage,
         )
-        chunk.to(platform.device)
-        initialise_layout_invariant(chunk, cfg.seed, config)
+        if initialise:
+            chunk.to(platform.device)
+            initialise_layout_invariant(chunk, cfg.seed, config)
         _mark_experts(chunk)
         chunks.append(chunk)
     return chunks

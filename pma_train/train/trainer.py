@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
-from pma_train.config import ConfigError, JobConfig, validate
+from pma_train.config import ConfigError, JobConfig, track_spacing_iters, validate
 from pma_train.data import EvalIterator, MicroBatchIterator, build_datasets, build_tokenizer
 from pma_train.metrics import MetricsLogger
 from pma_train.model import build_model
@@ -71,6 +71,7 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.train_iters = self._data_iterators(self.state.consumed_samples)
         self.log = MetricsLogger(cfg, self.run_dir, t.iters, self.state.iteration, enabled=self.rank0)
+        self.tracker, self.track_spacing = self._build_tracker()
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -156,11 +157,14 @@ class Trainer:
                                   "skipped_steps": window.skipped, **window.breakdown()},
                              console=("loss", "lr", "grad_norm", "tokens_per_s", "step_s"))
                 window = _Window()
-            if it % t.eval_interval == 0 or it == t.iters:
-                last_eval = self.evaluate()
-                self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens}, kind="val")
             if it % cfg.checkpoint.interval == 0 or (it == t.iters and cfg.checkpoint.save_at_end):
                 self.save()
+                if self.tracker is not None and it % self.track_spacing == 0:
+                    self.tracker.add(it)
+            if it % t.eval_interval == 0 or it == t.iters:
+                last_eval = self.evaluate()
+                self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens,
+                                  **self._evaluate_merge()}, kind="val")
         elapsed = time.perf_counter() - start_time
         summary = {"iterations": self.state.iteration - start_iter, "final_iteration": self.state.iteration,
                    "val_loss": last_eval, "seconds": elapsed, "run_dir": str(self.run_dir)}
@@ -213,6 +217,34 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         return reduce_lm_loss(records, self.platform.device)[0]
+
+    def _build_tracker(self):
+        tr = self.cfg.track
+        if not tr.enabled:
+            return None, None
+        from pma_train.merge.track import MergeTracker
+
+        tracker, spacing = MergeTracker(self.model, tr.n, tr.method, tr.alpha), track_spacing_iters(self.cfg)
+        # A resumed run rebuilds its window from the grid checkpoints it already wrote.
+        grid = [i for i in layout.list_iterations(self.ckpt_root) if i % spacing == 0 and i <= self.state.iteration]
+        for iteration in grid[-tr.n:]:
+            with tracker.loaded(self.model, self.ckpt_root / layout.iter_dir_name(iteration)):
+                tracker.add(iteration)
+        return tracker, spacing
+
+    def _evaluate_merge(self) -> dict:
+        """Validation loss of the tracked merge (and its save), once its window is full."""
+        if self.tracker is None or not self.tracker.ready:
+            return {}
+        with self.tracker.swapped_in():
+            loss = self.evaluate()
+            if self.cfg.track.save:
+                save_checkpoint(self.run_dir / "merged", self.model, None, None, self.state,
+                                megatron_args(self.cfg, self.state, self.tokenizer.vocab_size),
+                                sidecar={"pma_track": {"iterations": self.tracker.iterations,
+                                                       "weights": self.tracker.weights(),
+                                                       "method": self.cfg.track.method}})
+        return {"loss_merged": loss, "merged_iterations": self.tracker.iterations}
 
     def save(self) -> Path:
         return save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,

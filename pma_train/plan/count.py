@@ -1,0 +1,271 @@
+"""Parameter counts read off the real megatron-core model, built on the meta device.
+
+One process stands in for the whole cluster: torch's fake process group gives it any rank of any
+world, megatron-core's parallel state is initialised for the job's TP / PP / VPP / EP layout, and
+pma-train's own `build_model` builds the chunks of the first rank of every pipeline stage with
+every tensor on the meta device (shapes, no memory). Module shapes do not depend on the
+data-parallel size, so the world used here is the smallest that holds the layout (tp*pp*ep).
+
+Every count is a sum of the `numel()` of real parameters. By default each chunk is built with one
+layer of each kind the model uses ('*' attention, '-' MLP, 'E' MoE), and a chunk's count is its
+stage-level modules (embedding, final norm, output layer) plus, for each kind, that layer's count
+times how often the kind occurs in the chunk's real segment of the pattern: layers of one kind have
+the same parameters wherever they sit. A 200B MoE then takes well under a second; `full=True`
+builds every layer (what the trainer builds) and gives the same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from pma_train.config import JobConfig
+
+
+@dataclass
+class Tally:
+    """Parameters of some modules: on one rank, and in the whole model (each tensor once)."""
+
+    local: int = 0  # on the rank (its TP / EP shard)
+    local_expert: int = 0  # of which routed-expert weights
+    total: int = 0  # in the model: TP shards x tp, expert shards x ep (x expert-TP), tied copies once
+    expert: int = 0  # of which routed-expert weights
+    matmul: int = 0  # of `total`: weights of matrix products (not the input embedding lookup, not norms)
+    matmul_expert: int = 0  # of `matmul`: routed-expert weights
+
+    def add(self, other: "Tally", times: int = 1) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + times * getattr(other, name))
+
+
+@dataclass
+class ChunkCount:
+    """One model chunk of the first rank of a pipeline stage."""
+
+    pp_rank: int
+    vp_stage: int | None
+    segment: str  # its layers, in the pattern's symbols
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm and output layer
+    params: Tally
+
+
+@dataclass
+class ModelCount:
+    chunks: list[ChunkCount]
+    layers: dict[str, Tally]  # one layer of each kind: '*' attention, '-' MLP, 'E' MoE
+    embedding: Tally  # input embedding (the output layer too when tied)
+    output: Tally  # final norm + output layer (a tied copy on the last stage counts locally only)
+    padded_vocab_size: int
+    expert_tensor_parallel: int
+    full_build: bool
+    total: Tally = field(default_factory=Tally)
+
+    def __post_init__(self) -> None:
+        for chunk in self.chunks:
+            self.total.add(chunk.params)
+
+
+class BuildError(RuntimeError):
+    """megatron-core refused to build the model (a shape its modules do not support)."""
+
+
+def layer_kinds(pattern: str) -> str:
+    """The distinct layer symbols of a pattern, in order of first appearance."""
+    return "".join(dict.fromkeys(pattern.replace("|", "")))
+
+
+def count_model(cfg: JobConfig, vocab_size: int, full: bool = False) -> ModelCount:
+    """Build the job's model on the meta device, one rank per pipeline stage, and count it."""
+    from pma_train.model.build import staged_pattern
+
+    p = cfg.parallel
+    vpp = p.vpp or 1
+    segments = staged_pattern(cfg.model, p.pp * vpp).split("|")
+    kinds = layer_kinds(cfg.model.pattern())
+    build_cfg = cfg
+    if not full:
+        # Every chunk gets one layer of each kind (equal segments keep megatron's divisibility checks happy).
+        build_cfg = copy.deepcopy(cfg)
+        build_cfg.model.layer_pattern = "|".join([kinds] * (p.pp * vpp))
+
+    chunks: list[ChunkCount] = []
+    layers: dict[str, Tally] = {}
+    embedding, output = Tally(), Tally()
+    padded = etp = 0
+    tied = not cfg.model.untie_embeddings_and_output_weights
+    with _quiet(), _meta_build_environment():
+        for pp_rank in range(p.pp):
+            with _fake_rank(cfg, pp_rank):
+                built = _build(build_cfg, vocab_size)
+                etp = built[0].config.expert_tensor_parallel_size or p.tp
+                for vp, module in enumerate(built):
+                    index = vp * p.pp + pp_rank
+                    seg = segments[index]
+                    head, tail, per_layer = _tally_chunk(module, p.tp, p.ep, etp, tied)
+                    for symbol, tally in per_layer.items():
+                        layers.setdefault(symbol, tally)
+                    params = Tally()
+                    params.add(head)
+                    params.add(tail)
+                    if full:
+                        for tally in _tally_layers(module, p.tp, p.ep, etp, tied):
+                            params.add(tally)
+                    else:
+                        for symbol in kinds:
+                            params.add(per_layer[symbol], seg.count(symbol))
+                    chunks.append(ChunkCount(pp_rank, vp if p.vpp else None, seg, module.pre_process,
+                                             module.post_process, params))
+                    embedding.add(head)
+                    output.add(tail)
+                    padded = padded or _padded_vocab(module)
+    return ModelCount(chunks=chunks, layers=layers, embedding=embedding, output=output,
+                      padded_vocab_size=padded, expert_tensor_parallel=etp, full_build=full)
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def _tally(named_params, tp: int, ep: int, etp: int, tied: bool) -> Tally:
+    t = Tally()
+    for name, param in named_params:
+        n = param.numel()
+        # pma-train (and megatron at EP > 1) marks routed-expert weights allreduce=False.
+        expert = getattr(param, "allreduce", True) is False
+        sharded = bool(getattr(param, "tensor_model_parallel", False))
+        t.local += n
+        t.local_expert += n if expert else 0
+        if getattr(param, "shared", False):
+            continue  # the last stage's copy of a tied embedding: counted on the first stage
+        scale = (ep * (etp if sharded else 1)) if expert else (tp if sharded else 1)
+        t.total += n * scale
+        t.expert += n * scale if expert else 0
+        is_input_embedding = name.startswith("embedding.")
+        if param.dim() >= 2 and (not is_input_embedding or (tied and "word_embeddings" in name)):
+            t.matmul += n * scale
+            t.matmul_expert += n * scale if expert else 0
+    return t
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _split_layers(module) -> tuple[list, dict[int, list]]:
+    stage, by_layer = [], {}
+    for name, param in module.named_parameters():
+        match = _LAYER.match(name)
+        if match:
+            by_layer.setdefault(int(match.group(1)), []).append((name, param))
+        else:
+            stage.append((name, param))
+    return stage, by_layer
+
+
+def _tally_chunk(module, tp: int, ep: int, etp: int, tied: bool) -> tuple[Tally, Tally, dict[str, Tally]]:
+    """(embedding, final norm + output layer, one layer of each kind) of a built chunk."""
+    stage, by_layer = _split_layers(module)
+    types = module.decoder.layer_type_list
+    per_layer: dict[str, Tally] = {}
+    for index, named in sorted(by_layer.items()):
+        per_layer.setdefault(types[index], _tally(named, tp, ep, etp, tied))
+    for symbol in types:  # a kind without parameters still counts (as zero)
+        per_layer.setdefault(symbol, Tally())
+    head = [(name, param) for name, param in stage if name.startswith("embedding.")]
+    tail = [(name, param) for name, param in stage if not name.startswith("embedding.")]
+    return _tally(head, tp, ep, etp, tied), _tally(tail, tp, ep, etp, tied), per_layer
+
+
+def _tally_layers(module, tp: int, ep: int, etp: int, tied: bool) -> list[Tally]:
+    _, by_layer = _split_layers(module)
+    return [_tally(named, tp, ep, etp, tied) for _, named in sorted(by_layer.items())]
+
+
+def _padded_vocab(module) -> int:
+    if module.pre_process:
+        return module.embedding.word_embeddings.num_embeddings
+    if module.post_process and module.output_layer is not None:
+        return module.output_layer.output_size
+    return 0
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _build(cfg: JobConfig, vocab_size: int) -> list:
+    from pma_train.model.build import build_model
+    from pma_train.platform import Platform
+
+    # The local (non-TE) layer spec: same parameters as Transformer Engine's, and buildable anywhere.
+    platform = Platform(torch.device("meta"), "fake")
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, platform, vocab_size, initialise=False)
+    except (AssertionError, ValueError, RuntimeError) as err:
+        raise BuildError(f"megatron-core cannot build this model: {err}") from err
+
+
+@contextlib.contextmanager
+def _meta_build_environment():
+    """megatron-core importable and buildable on this host, and `torch.device('meta')` effective."""
+    if not torch.cuda.is_available():
+        from pma_train.platform import install_cpu_compat
+
+        install_cpu_compat()
+        # `with torch.device(...)` adds the device to the factories in torch's table of
+        # constructors; the CPU layer replaces torch.empty & co. by wrappers, and when the table was
+        # first filled after that, it holds the wrappers and misses the real functions.
+        from torch.utils import _device
+
+        constructors = _device._device_constructors()
+        constructors.update({fn.__wrapped__ for fn in list(constructors) if hasattr(fn, "__wrapped__")})
+    yield
+
+
+@contextlib.contextmanager
+def _fake_rank(cfg: JobConfig, pp_rank: int):
+    """This process as the first rank of pipeline stage `pp_rank` of a fake world."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    p = cfg.parallel
+    if dist.is_initialized():
+        raise RuntimeError("pma-plan builds its own fake process group; torch.distributed is already initialised")
+    world = p.tp * p.pp * p.ep
+    rank = pp_rank * (world // p.pp)  # order tp-cp-ep-dp-pp: pp is the slowest-varying dimension
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            expert_model_parallel_size=p.ep,
+            create_gloo_process_groups=False,
+        )
+        assert parallel_state.get_pipeline_model_parallel_rank() == pp_rank
+        assert parallel_state.get_tensor_model_parallel_rank() == 0
+        yield
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """megatron-core's per-stage INFO lines and deprecation warnings say nothing about a plan."""
+    logger = logging.getLogger("megatron")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

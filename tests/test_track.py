@@ -1,0 +1,36 @@
+"""The merge tracked during a constant-LR run beats the live model, and equals the offline merge."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pma_train.checkpoint import layout
+from tests.launch import train
+from tests.test_merge import full_tensors, merge_cli
+
+RUN = ["train.iters=400", "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_length=64",
+       "train.lr=3e-3", "schedule.warmup_iters=20", "checkpoint.interval=10", "train.eval_interval=200",
+       "train.eval_iters=8", "train.log_interval=100", "track.enabled=true", "track.n=8", "track.save=true", "seed=1"]
+
+
+def test_tracked_merge_beats_live_and_equals_offline_merge(tmp_path):
+    run = train(tmp_path / "run", RUN, nproc=1)
+    final = run.records("val")[-1]
+    assert final["step"] == 400
+    # PMA at tiny scale (PMA.md): the merge of the last checkpoints of a constant-LR run is better
+    assert final["loss_merged"] < final["loss"] - 0.01, final
+    assert final["merged_iterations"] == list(range(330, 401, 10))
+
+    saved = layout.resolve_checkpoint(tmp_path / "run" / "merged")
+    meta = json.loads((saved / "pma_train.json").read_text())["pma_track"]
+    assert meta["iterations"] == final["merged_iterations"]
+    offline = tmp_path / "offline"
+    proc = merge_cli([f"root={tmp_path / 'run' / 'checkpoints'}", "n=8", "v_iterations=10", "method=sma",
+                      f"output={offline}"], nproc=None)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tracked, merged = full_tensors(saved, tmp_path), full_tensors(layout.resolve_checkpoint(offline), tmp_path)
+    assert sorted(tracked) == sorted(merged)
+    for key in merged:
+        assert torch.allclose(tracked[key], merged[key], rtol=0, atol=1e-6), key
