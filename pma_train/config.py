@@ -199,6 +199,33 @@ class TrackConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike recovery: restore the merge of the last good checkpoints and skip the bad data."""
+
+    enabled: bool = False
+    # A step is a spike when its loss is `zscore` robust sigmas (MAD) above the median of the last
+    # `window` good losses (after `min_history` of them), or not finite, or its grad norm exceeds
+    # `grad_norm_threshold`.
+    window: int = 50
+    min_history: int = 20
+    zscore: float = 8.0
+    grad_norm_threshold: Optional[float] = None
+    # Restore the SMA of the last `merge_last` checkpoints saved at least `guard_iters` before the spike.
+    merge_last: int = 3
+    guard_iters: int = 2
+    restore_optimizer: bool = True
+    # Continue with the data after the spike instead of replaying the window that led to it.
+    skip_data: bool = True
+    # Stop the run when more than `max_recoveries` happen within `recovery_window` iterations.
+    max_recoveries: int = 3
+    recovery_window: int = 1000
+    # Testing aid: multiply the LR by inject_lr_mult for inject_iters iterations from inject_at (once).
+    inject_at: Optional[int] = None
+    inject_iters: int = 3
+    inject_lr_mult: float = 1000.0
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/${model.name}-${now:%Y%m%d-%H%M%S}"
     name: str = "${model.name}"
@@ -215,6 +242,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     seed: int = 1234
 
 
@@ -336,6 +364,12 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         if spacing % cfg.checkpoint.interval:
             _fail("track.v_iterations" if tr.v_tokens is None else "track.v_tokens",
                   f"the grid spacing ({spacing} iterations) must be a multiple of checkpoint.interval={cfg.checkpoint.interval}")
+    sp = cfg.spike
+    if sp.enabled:
+        if sp.merge_last < 1 or sp.window < 2 or sp.min_history < 2 or sp.zscore <= 0:
+            _fail("spike", "merge_last >= 1, window >= 2, min_history >= 2 and zscore > 0 are required")
+        if sp.min_history > sp.window:
+            _fail("spike.min_history", f"{sp.min_history} exceeds spike.window={sp.window}")
     im = cfg.checkpoint.init_merge
     if im.root is not None:
         if not Path(im.root).is_dir():

@@ -2,16 +2,17 @@
 
 One process stands in for the whole cluster: torch's fake process group gives it any rank of any
 world, megatron-core's parallel state is initialised for the job's TP / PP / VPP / EP layout, and
-pma-train's own `build_model` builds the chunks of the first rank of every pipeline stage with
-every tensor on the meta device (shapes, no memory). Module shapes do not depend on the
-data-parallel size, so the world used here is the smallest that holds the layout (tp*pp*ep).
+pma-train's own `build_model` builds the chunks of the first rank of a pipeline stage with every
+tensor on the meta device (shapes, no memory). Module shapes do not depend on the data-parallel
+size, so the world used here is the smallest that holds the layout (tp*pp*ep).
 
 Every count is a sum of the `numel()` of real parameters. By default each chunk is built with one
 layer of each kind the model uses ('*' attention, '-' MLP, 'E' MoE), and a chunk's count is its
 stage-level modules (embedding, final norm, output layer) plus, for each kind, that layer's count
 times how often the kind occurs in the chunk's real segment of the pattern: layers of one kind have
-the same parameters wherever they sit. A 200B MoE then takes well under a second; `full=True`
-builds every layer (what the trainer builds) and gives the same numbers, slower.
+the same parameters wherever they sit. Such builds of the middle stages are all alike, so only the
+first, the last and one middle stage are built, and a 200B MoE takes about a second. `full=True`
+builds every layer of every stage (what the trainer builds): the same numbers, slower.
 """
 
 from __future__ import annotations
@@ -95,38 +96,59 @@ def count_model(cfg: JobConfig, vocab_size: int, full: bool = False) -> ModelCou
         build_cfg = copy.deepcopy(cfg)
         build_cfg.model.layer_pattern = "|".join([kinds] * (p.pp * vpp))
 
+    tied = not cfg.model.untie_embeddings_and_output_weights
     chunks: list[ChunkCount] = []
     layers: dict[str, Tally] = {}
     embedding, output = Tally(), Tally()
-    padded = etp = 0
-    tied = not cfg.model.untie_embeddings_and_output_weights
+    built: dict[object, list[_Chunk]] = {}
     with _quiet(), _meta_build_environment():
         for pp_rank in range(p.pp):
-            with _fake_rank(cfg, pp_rank):
-                built = _build(build_cfg, vocab_size)
-                etp = built[0].config.expert_tensor_parallel_size or p.tp
-                for vp, module in enumerate(built):
-                    index = vp * p.pp + pp_rank
-                    seg = segments[index]
-                    head, tail, per_layer = _tally_chunk(module, p.tp, p.ep, etp, tied)
-                    for symbol, tally in per_layer.items():
-                        layers.setdefault(symbol, tally)
-                    params = Tally()
-                    params.add(head)
-                    params.add(tail)
-                    if full:
-                        for tally in _tally_layers(module, p.tp, p.ep, etp, tied):
-                            params.add(tally)
-                    else:
-                        for symbol in kinds:
-                            params.add(per_layer[symbol], seg.count(symbol))
-                    chunks.append(ChunkCount(pp_rank, vp if p.vpp else None, seg, module.pre_process,
-                                             module.post_process, params))
-                    embedding.add(head)
-                    output.add(tail)
-                    padded = padded or _padded_vocab(module)
+            # Reduced builds of the middle stages are identical: build one of them.
+            key = pp_rank if full or pp_rank in (0, p.pp - 1) else "middle"
+            if key not in built:
+                with _fake_rank(cfg, pp_rank):
+                    built[key] = [_Chunk.of(module, p.tp, p.ep, tied, full) for module in _build(build_cfg, vocab_size)]
+            for vp, chunk in enumerate(built[key]):
+                segment = segments[vp * p.pp + pp_rank]
+                for symbol, tally in chunk.per_layer.items():
+                    layers.setdefault(symbol, tally)
+                params = Tally()
+                params.add(chunk.head)
+                params.add(chunk.tail)
+                if full:
+                    for tally in chunk.every_layer:
+                        params.add(tally)
+                else:
+                    for symbol in kinds:
+                        params.add(chunk.per_layer[symbol], segment.count(symbol))
+                chunks.append(ChunkCount(pp_rank, vp if p.vpp else None, segment, chunk.first, chunk.last, params))
+                embedding.add(chunk.head)
+                output.add(chunk.tail)
+    first = next(iter(built.values()))[0]
+    padded = max(c.padded_vocab for cs in built.values() for c in cs)
     return ModelCount(chunks=chunks, layers=layers, embedding=embedding, output=output,
-                      padded_vocab_size=padded, expert_tensor_parallel=etp, full_build=full)
+                      padded_vocab_size=padded, expert_tensor_parallel=first.expert_tp, full_build=full)
+
+
+@dataclass
+class _Chunk:
+    """What counting needs of one built chunk (the modules themselves are dropped)."""
+
+    head: Tally  # embedding
+    tail: Tally  # final norm + output layer
+    per_layer: dict[str, Tally]  # one layer of each kind
+    every_layer: list[Tally]  # full builds: every layer
+    first: bool
+    last: bool
+    padded_vocab: int
+    expert_tp: int
+
+    @classmethod
+    def of(cls, module, tp: int, ep: int, tied: bool, full: bool) -> "_Chunk":
+        etp = module.config.expert_tensor_parallel_size or tp
+        head, tail, per_layer = _tally_chunk(module, tp, ep, etp, tied)
+        every = _tally_layers(module, tp, ep, etp, tied) if full else []
+        return cls(head, tail, per_layer, every, module.pre_process, module.post_process, _padded_vocab(module), etp)
 
 
 # ----------------------------------------------------------------------------- counting

@@ -23,6 +23,7 @@ from pma_train.model import build_model
 from pma_train.parallel import init_distributed
 from pma_train.schedule import build_annealing_scheduler, build_scheduler, scheduler_increment
 from pma_train.train.optim import build_optimizer, wrap_ddp
+from pma_train.train.spike import RecoveryBudget, SpikeDetector
 from pma_train.train.step import DataTimer, make_forward_step, reduce_lm_loss
 
 
@@ -72,6 +73,9 @@ class Trainer:
         self.train_iters = self._data_iterators(self.state.consumed_samples)
         self.log = MetricsLogger(cfg, self.run_dir, t.iters, self.state.iteration, enabled=self.rank0)
         self.tracker, self.track_spacing = self._build_tracker()
+        self.detector = SpikeDetector(cfg.spike) if cfg.spike.enabled else None
+        self.recovery_budget = RecoveryBudget(cfg.spike)
+        self._spike_steps_left: int | None = None
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -83,11 +87,16 @@ class Trainer:
         resume_from = own if c.load is None else c.load
         if resume_from is not None:
             optimizer = None if c.no_load_optim else self.optimizer
-            return load_checkpoint(resume_from, self.model, optimizer, self.scheduler)
+            state = load_checkpoint(resume_from, self.model, optimizer, self.scheduler)
+            if optimizer is None:
+                self.optimizer.reload_model_params()
+            return state
         if c.init_from is not None:
             load_checkpoint(c.init_from, self.model)
         elif c.init_merge.root is not None:
             self._init_from_merge()
+        # Mixed precision keeps fp32 main weights in the optimizer: refresh them from the model.
+        self.optimizer.reload_model_params()
         return TrainState()
 
     def _init_from_merge(self) -> None:
@@ -145,9 +154,15 @@ class Trainer:
         stop_at = t.iters if t.exit_after_iters is None else min(t.iters, start_iter + t.exit_after_iters)
         while self.state.iteration < stop_at:
             step_start = time.perf_counter()
+            self._maybe_inject_spike()
             result = self.train_step()
             window.add(result, time.perf_counter() - step_start)
             it = self.state.iteration
+            cause = self.detector.check(result.loss, result.grad_norm) if self.detector else None
+            if cause is not None:
+                self._recover(it, cause)
+                window = _Window()
+                continue
             self.log.advance(1, loss=result.loss, lr=result.lr)
             if it % t.log_interval == 0 or it == t.iters:
                 self.log.log(it, {"loss": window.mean_loss(), "lr": result.lr, "grad_norm": result.grad_norm,
@@ -217,6 +232,48 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         return reduce_lm_loss(records, self.platform.device)[0]
+
+    def _maybe_inject_spike(self) -> None:
+        """Testing aid: inject_iters consecutive steps at LR x inject_lr_mult, once per run."""
+        sp = self.cfg.spike
+        if sp.inject_at is None or self._spike_steps_left == 0 or self.state.iteration < sp.inject_at:
+            return
+        if self._spike_steps_left is None:
+            self._spike_steps_left = sp.inject_iters
+        self._spike_steps_left -= 1
+        for group in self.optimizer.param_groups:
+            group["lr"] *= sp.inject_lr_mult
+
+    def _recover(self, iteration: int, cause: str) -> None:
+        """Restore the merge of the last good checkpoints; optimizer from the newest of them."""
+        from pma_train.merge.live import average_into_model
+        from pma_train.merge.weights import sma
+
+        sp = self.cfg.spike
+        good = [i for i in layout.list_iterations(self.ckpt_root) if i <= iteration - sp.guard_iters][-sp.merge_last:]
+        if not good:
+            raise RuntimeError(f"loss spike at iteration {iteration} ({cause}) and no checkpoint saved at least "
+                               f"{sp.guard_iters} iterations before it to recover from: stopping")
+        if not self.recovery_budget.allow(iteration):
+            raise RuntimeError(f"loss spike at iteration {iteration} ({cause}): more than {sp.max_recoveries} "
+                               f"recoveries within {sp.recovery_window} iterations, the run does not recover: stopping")
+        samples, tokens = self.state.consumed_samples, self.state.consumed_tokens
+        paths = [self.ckpt_root / layout.iter_dir_name(i) for i in good]
+        self.state = load_checkpoint(paths[-1], self.model, self.optimizer if sp.restore_optimizer else None,
+                                     self.scheduler)
+        average_into_model(self.model, paths, sma(len(paths)))
+        self.optimizer.reload_model_params()
+        skipped = samples - self.state.consumed_samples if sp.skip_data else 0
+        if sp.skip_data:  # go on past the data that led into the spike
+            self.state.consumed_samples, self.state.consumed_tokens = samples, tokens
+        self.train_iters = self._data_iterators(self.state.consumed_samples)
+        if self.tracker is not None:
+            while self.tracker.snapshots and self.tracker.snapshots[-1][0] > self.state.iteration:
+                self.tracker.snapshots.pop()
+        self.log.log(iteration, {"cause": cause, "restored_iteration": self.state.iteration, "merged_iterations": good,
+                                 "optimizer_from": good[-1] if sp.restore_optimizer else None,
+                                 "skipped_samples": skipped},
+                     kind="recovery")
 
     def _build_tracker(self):
         tr = self.cfg.track

@@ -1,0 +1,123 @@
+"""Memory and FLOPs estimates of a training step: arithmetic only (no torch, no megatron-core).
+
+Memory per GPU, as pma-train trains (megatron-core DDP + Adam, see train/optim.py):
+  bf16 / fp16: weights 2 bytes/param, gradient buffers 4 (fp32 reduction), optimizer 12 = fp32
+  main params + Adam m + v; fp32: 4, 4 and 8 (m + v). With the distributed optimizer the optimizer
+  part is sharded over the data-parallel ranks (routed experts: the expert-data-parallel ranks);
+  weights and gradient buffers are not.
+
+Activations per micro-batch, bytes per token of a layer, without recomputation, with a fused
+(flash) attention that stores no s x s matrices, dropout off; the accounting of Korthikanti et
+al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", table 2) carried over to
+GQA, SwiGLU and top-k MoE. e = 2 bytes (bf16/fp16) or 4 (fp32); h-wide tensors are split over TP
+ranks only with sequence parallelism (r = tp, else 1); inner tensors always (/tp):
+  attention '*':  e*(2h/r + (h_q + 2 h_kv)/tp + h_q/tp) + 4*heads/tp  (norm in, QKV in, q k v, attention out; softmax stats)
+  MLP '-':        e*(2h/r + 3f/tp)    SwiGLU: norm in, fc1 in, fc1 out (2f), fc2 in (f); GELU: 2f/tp
+  MoE 'E':        e*(2h/r + k*(2h + 3f_e/tp) + 3f_s/tp) + 8E/r   norm in / out; per routed copy the expert
+                  input, fc1 out, fc2 in and the output kept for the weighted combine; shared expert;
+                  fp32 router logits and probabilities
+  first stage:    16 (token and position ids);  last stage: e*2h/r + 4V/tp + 12 (final norm and
+                  output-layer inputs, fp32 softmax of the vocab-parallel cross entropy, labels, mask)
+A stage holds min(pp - rank, micro-batches) micro-batches at the 1F1B peak; interleaved, a rank
+holds min((pp - rank - 1)*2 + (vpp - 1)*pp + 1, micro-batches*vpp) chunk-micro-batches (megatron's
+warm-up count + 1), valued at the mean of its chunks. Not counted: communication and temporary
+buffers, the CUDA context, allocator fragmentation.
+
+FLOPs per token of a training step (forward + backward = 3 x forward):
+  6 * N_matmul + 12 * L_attn * s * h_q
+N_matmul = activated weights of matrix products (routed experts x top-k / experts; the output
+layer; not the input embedding lookup, not norms). 12 * L_attn * s * h_q = the score and value
+products of L_attn attention layers at sequence length s (4 s h_q per token forward), not
+discounted for the causal mask (the usual Megatron / PaLM convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    kv_channels: int
+    query_groups: int
+    ffn: int
+    gated: bool  # SwiGLU
+    experts: int
+    topk: int
+    moe_ffn: int
+    shared_ffn: int
+    padded_vocab: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    tp: int
+    pp: int
+    vpp: int | None
+    ep: int
+    expert_tp: int
+    dp: int
+    expert_dp: int
+    sequence_parallel: bool
+    distributed_optimizer: bool
+    microbatches: int
+
+
+def training_precision(precision: str) -> str:
+    """`train.precision` of a GPU run ("auto" means bf16 there)."""
+    return "bf16" if precision == "auto" else precision
+
+
+def state_bytes(dense_params: int, expert_params: int, layout: Layout, precision: str) -> dict[str, float]:
+    """Weights, gradient buffers and optimizer state of one rank's parameters."""
+    weight, grad, optim = (4, 4, 8) if precision == "fp32" else (2, 4, 12)
+    params = dense_params + expert_params
+    if layout.distributed_optimizer:
+        optimizer = optim * (dense_params / layout.dp + expert_params / layout.expert_dp)
+    else:
+        optimizer = optim * params
+    return {"weights": weight * params, "grads": grad * params, "optimizer": optimizer}
+
+
+def layer_bytes_per_token(symbol: str, s: Shape, layout: Layout, e: int) -> float:
+    tp = layout.tp
+    r = tp if layout.sequence_parallel else 1
+    h = s.hidden
+    if symbol == "*":
+        hq, hkv = s.heads * s.kv_channels, s.query_groups * s.kv_channels
+        return e * (2 * h / r + (hq + 2 * hkv) / tp + hq / tp) + 4 * s.heads / tp
+    inner = 3 if s.gated else 2
+    if symbol == "-":
+        return e * (2 * h / r + inner * s.ffn / tp)
+    if symbol == "E":
+        routed = s.topk * (2 * h + inner * s.moe_ffn / layout.expert_tp)
+        return e * (2 * h / r + routed + inner * s.shared_ffn / tp) + 8 * s.experts / r
+    raise ValueError(f"unknown layer symbol {symbol!r}")
+
+
+def chunk_bytes_per_token(segment: str, first: bool, last: bool, s: Shape, layout: Layout, e: int) -> float:
+    total = sum(layer_bytes_per_token(symbol, s, layout, e) for symbol in segment)
+    if first:
+        total += 16
+    if last:
+        r = layout.tp if layout.sequence_parallel else 1
+        total += e * 2 * s.hidden / r + 4 * s.padded_vocab / layout.tp + 12
+    return total
+
+
+def in_flight(pp_rank: int, layout: Layout) -> int:
+    """Micro-batches (interleaved: chunk-micro-batches) whose activations a rank holds at its peak."""
+    m, pp = layout.microbatches, layout.pp
+    if layout.vpp:
+        total = m * layout.vpp
+        return min((pp - pp_rank - 1) * 2 + (layout.vpp - 1) * pp + 1, total)
+    return min(pp - pp_rank, m)
+
+
+def flops_per_token(matmul_activated: int, attention_layers: int, seq_length: int, s: Shape) -> dict[str, float]:
+    matmul = 6 * matmul_activated
+    attention = 12 * attention_layers * seq_length * s.heads * s.kv_channels
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention}

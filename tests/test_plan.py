@@ -1,0 +1,164 @@
+"""pma-plan: every preset in model_configs/ is planned from the real (meta-device) megatron-core model;
+its counts match the preset's name and YAML comments; bad layouts fail with the field named."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pma_train.config import ConfigError
+from tests.launch import REPO, test_env
+
+MODEL_CONFIGS = REPO / "model_configs"
+PRESETS = sorted(path.stem for path in MODEL_CONFIGS.glob("*.yaml"))
+# Tiny CPU presets: the totals their YAML comments derive.
+TINY_TOTALS = {"tiny": 467_584, "tiny4": 836_736, "tiny_moe": 591_488}
+_SIZE = r"(\d+(?:\.\d+)?)([mb])"
+
+
+def sizes_from_name(name: str) -> tuple[float, float] | None:
+    """(activated, total) parameters a paper preset's name promises: dense_411m, moe_1.3b_13b."""
+    value = lambda num, unit: float(num) * (1e6 if unit == "m" else 1e9)
+    dense = re.fullmatch(rf"dense_{_SIZE}", name)
+    if dense:
+        return value(*dense.groups()), value(*dense.groups())
+    moe = re.fullmatch(rf"moe_{_SIZE}_{_SIZE}", name)
+    if moe:
+        a, b, c, d = moe.groups()
+        return value(a, b), value(c, d)
+    return None
+
+
+def commented(name: str, what: str) -> int | None:
+    """The exact count a paper preset's YAML comment derives ('total = ... = N', 'activated = ... = N')."""
+    comments = "\n".join(line for line in (MODEL_CONFIGS / f"{name}.yaml").read_text().splitlines() if line.startswith("#"))
+    match = re.search(rf"{what} = [^=]*= ([\d,]+)", comments)
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def layout(name: str) -> list[str]:
+    """A layout that splits every preset over TP, PP (and EP) ranks: counts must not depend on it."""
+    if name.startswith("tiny"):
+        return {"tiny": [], "tiny4": ["parallel.pp=2", "parallel.vpp=2", "plan.gpus=2"],
+                "tiny_moe": ["parallel.tp=2", "parallel.ep=2", "plan.gpus=4"]}.get(name, [])
+    moe = name.startswith("moe_")
+    return ["parallel.tp=2", "parallel.pp=2", f"parallel.ep={4 if moe else 1}", f"plan.gpus={16 if moe else 8}",
+            "train.global_batch_size=64", "train.micro_batch_size=2", "train.seq_length=4096"]
+
+
+def plan_for(overrides: list[str]) -> dict:
+    from pma_train.cli.plan import compose
+    from pma_train.plan import make_plan
+
+    return make_plan(compose(overrides))
+
+
+def test_every_preset_is_a_paper_size_or_tiny():
+    assert set(TINY_TOTALS) <= set(PRESETS)
+    for name in PRESETS:
+        assert name in TINY_TOTALS or sizes_from_name(name), f"model_configs/{name}.yaml: name does not say its size"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_counts(name):
+    plan = plan_for([f"model={name}", *layout(name)])
+    params = plan["parameters"]
+    assert plan["model"] == name
+    if name in TINY_TOTALS:
+        assert plan["vocab_size"] == 257 and plan["padded_vocab_size"] == 384
+        assert params["total"] == TINY_TOTALS[name]
+        if name == "tiny_moe":  # 2 of 4 experts of 2 layers: 591,488 - 2 * 2 * 49,152
+            assert params["activated"] == 394_880
+        return
+    activated, total = sizes_from_name(name)
+    assert plan["vocab_size"] == 152_064  # assumed by the preset (model.notes)
+    assert abs(params["total"] / total - 1) < 0.05, (name, params["total"])
+    assert abs(params["activated"] / activated - 1) < 0.05, (name, params["activated"])
+    assert params["total"] == commented(name, "total")
+    if name.startswith("moe_"):
+        assert params["activated"] == commented(name, "activated")
+        assert 8 < params["total"] / params["activated"] < 12
+    else:
+        assert params["activated"] == params["total"]
+    # One GPU of each stage holds a TP (and EP) share of it: together less than the model.
+    assert sum(rank["params"] for rank in plan["memory"]["ranks"]) < params["total"]
+
+
+def test_reduced_build_equals_full_build():
+    """One layer of each kind, multiplied, counts what building every layer counts."""
+    overrides = ["model=moe_330m_3.3b", "parallel.tp=2", "parallel.pp=4", "parallel.ep=8", "plan.gpus=64",
+                 "train.global_batch_size=64"]
+    reduced = plan_for(overrides)
+    full = plan_for([*overrides, "plan.full_build=true"])
+    assert full["build"]["full"] and not reduced["build"]["full"]
+    assert reduced["parameters"] == full["parameters"]
+    assert [r["params"] for r in reduced["memory"]["ranks"]] == [r["params"] for r in full["memory"]["ranks"]]
+    # ... and the layout does not change the model.
+    assert plan_for(["model=moe_330m_3.3b"])["parameters"]["total"] == reduced["parameters"]["total"]
+
+
+def test_memory_and_flops_arithmetic():
+    plan = plan_for(["model=tiny", "plan.gpus=2", "train.global_batch_size=32", "train.micro_batch_size=4",
+                     "train.seq_length=64"])
+    n = 467_584
+    (rank,) = plan["memory"]["ranks"]
+    # bf16 weights, fp32 gradient buffers, fp32 main params + Adam moments sharded over DP 2.
+    assert (rank["weights_bytes"], rank["grads_bytes"], rank["optimizer_bytes"]) == (2 * n, 4 * n, 12 * n / 2)
+    assert plan["batch"]["tokens_per_step"] == 32 * 64 and plan["batch"]["microbatches_per_step"] == 4
+    # Matrix weights: all but the input embedding (384 x 128) and the 5 norms (128 each).
+    matmul = n - 384 * 128 - 5 * 128
+    assert plan["flops"]["matmul_params_activated"] == matmul
+    assert plan["flops"]["per_token"]["total"] == 6 * matmul + 12 * 2 * 64 * 128
+    assert rank["activation_bytes"] > 0 and rank["microbatches_in_flight"] == 1
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["model=moe_1.3b_13b", "parallel.ep=3", "plan.gpus=6"], "parallel.ep"),  # 3 does not divide 128 experts
+    (["model=moe_1.3b_13b", "parallel.ep=8", "plan.gpus=4"], "parallel.ep"),  # 8 does not divide DP 4
+    (["model=dense_411m", "parallel.tp=3", "plan.gpus=3"], "parallel.tp"),  # 16 heads
+    (["model=dense_8b", "parallel.tp=16", "plan.gpus=16"], "parallel.tp"),  # 8 query groups
+    (["model=dense_2b", "parallel.pp=3", "plan.gpus=3"], "parallel.pp"),  # 28 blocks
+    (["model=dense_2b", "parallel.tp=2", "plan.gpus=3"], "parallel"),  # world 3, tp 2
+    (["model=tiny_moe", "parallel.tp=2", "model.moe_ffn_hidden_size=129", "plan.gpus=2"], "parallel.tp"),
+    (["model=tiny", "parallel.tp=2", "train.seq_length=127", "plan.gpus=2"], "train.seq_length"),
+    (["model=tiny", "plan.gpus=0"], "plan.gpus"),
+    (["model=tiny", "plan.vocab_size=0"], "plan.vocab_size"),
+])
+def test_bad_layout_names_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        plan_for(overrides)
+    assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_cli_error_exit_code(capsys):
+    from pma_train.cli.plan import compose, run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(compose(["model=moe_1.3b_13b", "parallel.ep=3", "plan.gpus=6"]))
+    assert exit_info.value.code == 2
+    assert "pma-plan: configuration error: parallel.ep: 3 does not divide model.num_experts=128" in capsys.readouterr().err
+
+
+def test_cli_plans_200b_moe(tmp_path):
+    """The command itself: a 200B MoE on 512 GPUs, table on stdout, JSON on request, in seconds."""
+    script = Path(sys.executable).with_name("pma-plan")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pma_train.cli.plan"]
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([*command, "model=moe_20b_200b", "plan.gpus=512", "parallel.tp=8", "parallel.pp=4",
+                           "parallel.ep=8", "train.seq_length=4096", "train.global_batch_size=1024",
+                           "train.micro_batch_size=1", f"plan.json={out}"],
+                          cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(out.read_text())
+    total, activated = plan["parameters"]["total"], plan["parameters"]["activated"]
+    assert f"total {total:,}" in proc.stdout and f"activated per token {activated:,}" in proc.stdout
+    assert total == commented("moe_20b_200b", "total")
+    assert plan["layout"] == {"gpus": 512, "tp": 8, "pp": 4, "vpp": None, "ep": 8, "expert_tp": 8, "dp": 16,
+                              "expert_dp": 2, "sequence_parallel": True, "distributed_optimizer": True}
+    assert len(plan["memory"]["ranks"]) == 4 and plan["batch"]["tokens_per_step"] == 1024 * 4096
+    assert plan["build"]["seconds"] < 30
