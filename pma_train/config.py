@@ -128,6 +128,18 @@ class InitMergeConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """Delete old checkpoints, keeping the latest, the last `keep_last`, and the merge grid."""
+
+    enabled: bool = False
+    keep_last: int = 2
+    # Grid spacing in iterations and how many grid points to keep (None: all). By default the
+    # tracked merge's grid (track.v_*, track.n) when tracking is on.
+    grid_every: Optional[int] = None
+    grid_last: Optional[int] = None
+
+
+@dataclass
 class CheckpointConfig:
     # Checkpoint root (Megatron-LM layout: <dir>/iter_0000100/, latest_checkpointed_iteration.txt).
     dir: str = "${run.dir}/checkpoints"
@@ -142,6 +154,7 @@ class CheckpointConfig:
     # Load the model only when resuming (optimizer re-initialised).
     no_load_optim: bool = False
     init_merge: InitMergeConfig = field(default_factory=InitMergeConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 @dataclass

@@ -90,3 +90,22 @@ def test_trainer_refuses_truncated_checkpoint_before_starting(tmp_path):
     assert f"checkpoint.dir (auto-resume): {ckpt}: data file {data.name} is truncated" in failed.output
     assert sorted((p.name, p.stat().st_size) for p in ckpt.iterdir()) == before
     assert (run_dir / "checkpoints" / "iter_0000002").is_dir()
+
+
+def test_retention_keeps_latest_recent_and_merge_grid(tmp_path):
+    from pma_train.checkpoint.retention import prune, to_keep
+
+    assert to_keep(list(range(10, 110, 10)), keep_last=2, grid_every=30, grid_last=2) == {60, 90, 100}
+    assert to_keep(list(range(10, 110, 10)), keep_last=1, grid_every=None, grid_last=None) == {100}
+    root = tmp_path / "ckpt"
+    for it in range(5, 55, 5):
+        write_dcp(root / layout.iter_dir_name(it))
+    layout.write_tracker(root, 50)
+    deleted = prune(root, keep_last=2, grid_every=20, grid_last=None)
+    assert deleted == [5, 10, 15, 25, 30, 35]
+    assert layout.list_iterations(root) == [20, 40, 45, 50]
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    # the tracker's latest is never deleted, even if newer directories exist
+    layout.write_tracker(root, 20)
+    prune(root, keep_last=1, grid_every=None, grid_last=None)
+    assert layout.list_iterations(root) == [20, 50]

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout
+from pma_train.checkpoint.retention import prune
 from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
 from pma_train.config import ConfigError, JobConfig, track_spacing_iters, validate
 from pma_train.data import EvalIterator, MicroBatchIterator, build_datasets, build_tokenizer
@@ -304,8 +305,21 @@ class Trainer:
         return {"loss_merged": loss, "merged_iterations": self.tracker.iterations}
 
     def save(self) -> Path:
-        return save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,
+        path = save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,
                                self.scheduler, self.state, megatron_args(self.cfg, self.state, self.tokenizer.vocab_size))
+        if self.cfg.checkpoint.retention.enabled and self.rank0:
+            self._prune()
+        return path
+
+    def _prune(self) -> None:
+        r, tr = self.cfg.checkpoint.retention, self.cfg.track
+        grid_every = r.grid_every or (track_spacing_iters(self.cfg) if tr.enabled else None)
+        grid_last = r.grid_last if r.grid_last is not None else (tr.n if tr.enabled else None)
+        # Spike recovery merges the last few checkpoints: keep enough of them.
+        keep_last = max(r.keep_last, self.cfg.spike.merge_last + 1 if self.cfg.spike.enabled else 0)
+        deleted = prune(self.ckpt_root, keep_last, grid_every, grid_last)
+        if deleted:
+            self.log.log(self.state.iteration, {"deleted_iterations": deleted}, kind="retention")
 
     # ------------------------------------------------------------------ small things
 
