@@ -74,6 +74,8 @@ class Trainer:
         self.train_iters = self._data_iterators(self.state.consumed_samples)
         self.log = MetricsLogger(cfg, self.run_dir, t.iters, self.state.iteration, enabled=self.rank0)
         self.tracker, self.track_spacing = self._build_tracker()
+        self.track_seconds = 0.0  # time the tracker costs the training loop (snapshots)
+        self.train_seconds = 0.0
         self.detector = SpikeDetector(cfg.spike) if cfg.spike.enabled else None
         self.recovery_budget = RecoveryBudget(cfg.spike)
         self._spike_steps_left: int | None = None
@@ -158,6 +160,7 @@ class Trainer:
             self._maybe_inject_spike()
             result = self.train_step()
             window.add(result, time.perf_counter() - step_start)
+            self.train_seconds += time.perf_counter() - step_start
             it = self.state.iteration
             cause = self.detector.check(result.loss, result.grad_norm) if self.detector else None
             if cause is not None:
@@ -176,14 +179,22 @@ class Trainer:
             if it % cfg.checkpoint.interval == 0 or (it == t.iters and cfg.checkpoint.save_at_end):
                 self.save()
                 if self.tracker is not None and it % self.track_spacing == 0:
+                    track_start = time.perf_counter()
                     self.tracker.add(it)
+                    self.track_seconds += time.perf_counter() - track_start
             if it % t.eval_interval == 0 or it == t.iters:
                 last_eval = self.evaluate()
                 self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens,
                                   **self._evaluate_merge()}, kind="val")
         elapsed = time.perf_counter() - start_time
         summary = {"iterations": self.state.iteration - start_iter, "final_iteration": self.state.iteration,
-                   "val_loss": last_eval, "seconds": elapsed, "run_dir": str(self.run_dir)}
+                   "val_loss": last_eval, "seconds": elapsed, "run_dir": str(self.run_dir),
+                   "train_step_seconds": self.train_seconds, "track_seconds": self.track_seconds}
+        if self.tracker is not None:
+            self.log.log(self.state.iteration, {"train_step_seconds": self.train_seconds,
+                                                "track_snapshot_seconds": self.track_seconds,
+                                                "track_overhead": self.track_seconds / max(self.train_seconds, 1e-9)},
+                         kind="track")
         self.log.print(f"done: {summary['iterations']} iterations in {elapsed:.1f} s, "
                        f"val loss {last_eval if last_eval is None else round(last_eval, 4)}, run dir {self.run_dir}")
         self.log.close()
