@@ -325,8 +325,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
 
     stages = p.pp * (p.vpp or 1)
     if "|" in m.pattern():
-        if m.pattern().count("|") + 1 != p.pp:
-            _fail("parallel.pp", f"{p.pp} does not match the {m.pattern().count('|') + 1} stages marked in the layer pattern")
+        if m.pattern().count("|") + 1 != stages:
+            _fail("parallel.pp", f"pp*vpp={stages} does not match the {m.pattern().count('|') + 1} stages marked "
+                                 "in the layer pattern")
     elif len(pattern) % (2 * stages) and len(pattern) % stages:
         _fail("parallel.pp", f"pp*vpp={stages} does not divide the {len(pattern)} layers of '{pattern}'")
     if p.vpp is not None and (p.vpp < 2 or p.pp < 2):

@@ -242,6 +242,10 @@ def install_cpu_compat() -> None:
         return
     if torch.cuda.is_available():
         raise RuntimeError("the CPU compatibility layer must not be installed on a CUDA host")
+    # `with torch.device(...)` keys on the original factory functions: let torch record them first.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     _patch_torch_cuda()
     _patch_tensor_methods()
     _patch_factories()

@@ -64,4 +64,4 @@ def test_cli_rejects_unknown_model(tmp_path):
 def test_cli_help_lists_groups():
     proc = _cli("--help")
     assert proc.returncode == 0
-    assert "model: " in proc.stdout and "schedule: constant, cosine, wsd" in proc.stdout
+    assert "model: " in proc.stdout and "schedule: anneal, constant, cosine, wsd" in proc.stdout

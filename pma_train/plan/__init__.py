@@ -156,8 +156,8 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
         dense = sum(c.params.local - c.params.local_expert for c in chunks)
         expert = sum(c.params.local_expert for c in chunks)
         state = estimate.state_bytes(dense, expert, layout, precision)
-        per_chunk = [tokens_per_microbatch * estimate.chunk_bytes_per_token(c.segment, c.first, c.last, shape, layout, e)
-                     for c in chunks]
+        per_chunk = [tokens_per_microbatch
+                     * estimate.chunk_bytes_per_token(c.segment, c.first, c.last, shape, layout, e) for c in chunks]
         held = estimate.in_flight(pp_rank, layout)
         activations = held * sum(per_chunk) / len(per_chunk)
         ranks.append({
@@ -180,7 +180,8 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
         "shape": {"hidden_size": m.hidden_size, "num_attention_heads": m.num_attention_heads, "kv_channels": kv,
                   "num_query_groups": shape.query_groups, "ffn_hidden_size": m.ffn_hidden_size,
                   "num_experts": m.num_experts, "moe_router_topk": shape.topk or None,
-                  "moe_ffn_hidden_size": shape.moe_ffn or None, "moe_shared_expert_intermediate_size": shape.shared_ffn or None,
+                  "moe_ffn_hidden_size": shape.moe_ffn or None,
+                  "moe_shared_expert_intermediate_size": shape.shared_ffn or None,
                   "tied_embeddings": not m.untie_embeddings_and_output_weights},
         "vocab_size": vocab, "vocab_source": vocab_source, "padded_vocab_size": counted.padded_vocab_size,
         "layout": {"gpus": gpus, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep, "expert_tp": etp, "dp": dp,

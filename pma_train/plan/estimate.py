@@ -11,7 +11,8 @@ Activations per micro-batch, bytes per token of a layer, without recomputation, 
 al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", table 2) carried over to
 GQA, SwiGLU and top-k MoE. e = 2 bytes (bf16/fp16) or 4 (fp32); h-wide tensors are split over TP
 ranks only with sequence parallelism (r = tp, else 1); inner tensors always (/tp):
-  attention '*':  e*(2h/r + (h_q + 2 h_kv)/tp + h_q/tp) + 4*heads/tp  (norm in, QKV in, q k v, attention out; softmax stats)
+  attention '*':  e*(2h/r + (h_q + 2 h_kv)/tp + h_q/tp) + 4*heads/tp
+                  norm in, QKV in, q k v, attention out; fp32 softmax statistics
   MLP '-':        e*(2h/r + 3f/tp)    SwiGLU: norm in, fc1 in, fc1 out (2f), fc2 in (f); GELU: 2f/tp
   MoE 'E':        e*(2h/r + k*(2h + 3f_e/tp) + 3f_s/tp) + 8E/r   norm in / out; per routed copy the expert
                   input, fc1 out, fc2 in and the output kept for the weighted combine; shared expert;

@@ -57,9 +57,11 @@ def render(plan: dict[str, Any]) -> str:
                                              ("MoE", layers["moe"])) if n)
     add("")
     add(f"  model       {short_pattern(plan['pattern'])} ({kinds} layers); hidden {p['hidden_size']}, "
-        f"{p['num_attention_heads']} heads x {p['kv_channels']} / {p['num_query_groups']} KV groups, FFN {p['ffn_hidden_size']}"
+        f"{p['num_attention_heads']} heads x {p['kv_channels']} / {p['num_query_groups']} KV groups, "
+        f"FFN {p['ffn_hidden_size']}"
         + (f"; {p['num_experts']} experts top-{p['moe_router_topk']}, expert FFN {p['moe_ffn_hidden_size']}"
-           + (f", shared {p['moe_shared_expert_intermediate_size']}" if p["moe_shared_expert_intermediate_size"] else "")
+           + (f", shared {p['moe_shared_expert_intermediate_size']}"
+              if p["moe_shared_expert_intermediate_size"] else "")
            if p["num_experts"] else "")
         + ("; tied embeddings" if p["tied_embeddings"] else ""))
     add(f"  vocab       {plan['vocab_size']:,} ({plan['vocab_source']}), padded to {plan['padded_vocab_size']:,}")
