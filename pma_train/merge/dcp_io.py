@@ -242,15 +242,18 @@ class ChunkReader:
 
     def _pread_tensor(self, path: Path, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         nbytes = count * _itemsize(dtype)
-        buffer = bytearray(nbytes)
-        view, done, fd = memoryview(buffer), 0, self._fd(path)
+        if not nbytes:
+            return torch.empty(0, dtype=dtype)
+        # torch.empty: no zero-filling pass over memory the read overwrites anyway.
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        view, done, fd = memoryview(buffer.numpy()), 0, self._fd(path)
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise EOFError(f"{path}: data ends at byte {offset + done}, {nbytes - done} bytes short")
             done += got
         self.bytes_read += nbytes
-        return torch.frombuffer(buffer, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+        return buffer.view(dtype)
 
     def _read_whole(self, chunk: StoredChunk) -> torch.Tensor:
         # Fallback for archives we cannot index (never seen for megatron checkpoints): torch.load.

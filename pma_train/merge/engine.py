@@ -106,12 +106,13 @@ def _intersect(a_off, a_size, b_off, b_size):
 
 
 def _accumulate(reader: ChunkReader, entry: TensorEntry, piece: Piece, acc: torch.Tensor, weight: float,
-                source: str) -> None:
+                source: str, check: bool = False) -> None:
     """acc += weight * (the piece's box of one input), reading only overlapping rows."""
     if not piece.sizes:  # 0-d tensor
-        value = reader.read_rows(entry.chunks[0], 0, 1)
-        _check_finite(value, entry.key, source)
-        acc.add_(value.to(acc.dtype), alpha=weight)
+        value = reader.read_rows(entry.chunks[0], 0, 1).reshape(())
+        if check:
+            _check_finite(value, entry.key, source)
+        acc.add_(value, alpha=weight)
         return
     covered = 0
     for chunk in entry.chunks:
@@ -123,9 +124,10 @@ def _accumulate(reader: ChunkReader, entry: TensorEntry, piece: Piece, acc: torc
         rows = reader.read_rows(chunk, first, first + size[0])
         block = rows[(slice(None),) + tuple(slice(lo[d] - chunk.offsets[d], lo[d] - chunk.offsets[d] + size[d])
                                             for d in range(1, len(size)))]
-        _check_finite(block, entry.key, source)
+        if check:
+            _check_finite(block, entry.key, source)
         target = acc[tuple(slice(lo[d] - piece.offsets[d], lo[d] - piece.offsets[d] + size[d]) for d in range(len(size)))]
-        target.add_(block.to(acc.dtype), alpha=weight)
+        target.add_(block, alpha=weight)  # promotes bf16 / fp16 blocks on the fly, no temporary
         covered += math.prod(size)
     if covered != math.prod(piece.sizes):
         raise MergeError(f"{entry.key} in {source}: stored chunks cover {covered} of the "
@@ -266,7 +268,7 @@ def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, 
     if piece.key.startswith(OPTIMIZER_PREFIX) or not newest.dtype.is_floating_point:
         acc = torch.zeros(piece.sizes, dtype=torch.float64 if newest.dtype.is_floating_point else newest.dtype)
         if newest.dtype.is_floating_point:
-            _accumulate(reader, newest, piece, acc, 1.0, str(request.inputs[-1].path))
+            _accumulate(reader, newest, piece, acc, 1.0, str(request.inputs[-1].path), check=True)
         else:
             _copy_exact(reader, newest, piece, acc)
         progress.update(piece.nbytes)
@@ -275,6 +277,12 @@ def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, 
     for entry, info, weight in zip(entries, request.inputs, request.weights):
         _accumulate(reader, entry, piece, acc, weight, str(info.path))
         progress.update(piece.nbytes)
+    # NaN / Inf in any input reaches the sum: one check of the result, and only when it fails
+    # a second look at the inputs to name the culprit.
+    if not torch.isfinite(acc).all():
+        for entry, info in zip(entries, request.inputs):
+            _accumulate(reader, entry, piece, torch.zeros_like(acc), 1.0, str(info.path), check=True)
+        raise MergeError(f"tensor {piece.key}: the weighted sum overflows to Inf at offsets {piece.offsets}")
     return acc.to(out_dtype)
 
 
