@@ -287,16 +287,16 @@ class _Timers:
 
 
 PROFILE_LABELS = {
-    "preadv": "preadv (copy from page cache)",
-    "alloc": "read buffer: bytearray zero-fill + page faults + frombuffer",
+    "preadv": "preadv (copy from page cache; faults in fresh buffer pages)",
+    "alloc": "read-buffer allocation (torch.empty / bytearray)",
     "locate": "archive indexing (zip directory + unpickle, once per chunk)",
-    "check": "isfinite check (torch.isfinite(block).all())",
+    "check": "isfinite check (torch.isfinite + .all)",
     "add": "add_ (weighted accumulate)",
     "to": "dtype conversion (.to)",
-    "zeros": "accumulator allocation (torch.zeros)",
+    "zeros": "accumulator allocation (torch.zeros / zeros_like)",
     "save": "torch.save of the output piece (pickle + zip + crc32 + write)",
     "close": "flush + fsync of the output file",
-    "python": "per-piece Python (slicing, intersect, loop)",
+    "python": "per-piece Python (slicing, intersect, loop) + freeing tensors",
 }
 
 
@@ -336,22 +336,27 @@ def worker_profile(argv: list[str]) -> None:
         proxy.preadv = timers.wrap(os.preadv, "preadv")
         restore.append((dcp_io, "os", os))
         dcp_io.os = proxy
-        patch(dcp_io.ChunkReader, "_pread_tensor", "alloc")
-        patch(dcp_io.ChunkReader, "_locate", "locate")
-        patch(dcp_io.ChunkReader, "read_rows", "python")
-        patch(engine, "_check_finite", "check")
-        patch(engine, "_accumulate", "python")
-        patch(engine, "_merge_piece", "python")
-        patch(torch.Tensor, "add_", "add")
-        patch(torch.Tensor, "to", "to")
-        patch(torch, "zeros", "zeros")
-        patch(dcp_io.ChunkWriter, "write_tensor", "save")
-        patch(dcp_io.ChunkWriter, "close", "close")
+        # Timed at the torch / os level, so the breakdown holds while the engine's code moves.
+        dcp_io.bytearray = timers.wrap(bytearray, "alloc")  # a module global shadows the builtin
+        restore.append((dcp_io, "bytearray", bytearray))
+        for owner, name, label in (
+                (torch, "empty", "alloc"), (dcp_io.ChunkReader, "_locate", "locate"),
+                (dcp_io.ChunkReader, "read_rows", "python"), (dcp_io.ChunkReader, "_pread_tensor", "python"),
+                (engine, "_check_finite", "check"), (torch, "isfinite", "check"), (torch.Tensor, "all", "check"),
+                (engine, "_accumulate", "python"), (engine, "_merge_piece", "python"),
+                (torch.Tensor, "add_", "add"), (torch.Tensor, "to", "to"), (torch, "zeros", "zeros"),
+                (torch, "zeros_like", "zeros"), (dcp_io.ChunkWriter, "write_tensor", "save"), (torch, "save", "save"),
+                (dcp_io.ChunkWriter, "close", "close")):
+            if hasattr(owner, name):
+                patch(owner, name, label)
     start = time.perf_counter()
     summary = run_merge(request)
     call_s = time.perf_counter() - start
     for owner, name, original in reversed(restore):
-        setattr(owner, name, original)
+        if owner is dcp_io and name == "bytearray":
+            del dcp_io.bytearray
+        else:
+            setattr(owner, name, original)
     shutil.rmtree(a.out, ignore_errors=True)
     # _finish (rank 0, after the timed loop) also calls close/to/write: only the loop's share counts.
     result = {"n": a.count, "budget_mb": a.budget_mb, "seconds": summary.seconds, "call_s": call_s,
@@ -438,7 +443,19 @@ def worker_imports(argv: list[str]) -> None:
     print("IMPORTS " + json.dumps({"cli_s": cli, "engine_s": time.perf_counter() - start - cli}), flush=True)
 
 
-WORKERS = {"_generate": worker_generate, "_engine": worker_engine, "_naive": worker_naive,
+def worker_noop(argv: list[str]) -> None:
+    """What every merge rank does besides merging: import the engine, join the gloo group, leave."""
+    import torch.distributed as dist
+
+    import pma_train.merge.engine  # noqa: F401
+    from pma_train.platform import init_process_group
+
+    init_process_group("gloo")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+WORKERS = {"_noop": worker_noop, "_generate": worker_generate, "_engine": worker_engine, "_naive": worker_naive,
            "_profile": worker_profile, "_imports": worker_imports}
 
 
@@ -458,14 +475,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small model, N=4 (sweep 2,4), 1 round, no py-spy: a smoke test")
     p.add_argument("--n", type=int, default=10, help="checkpoints merged in the headline figures")
     p.add_argument("--sweep-n", default="2,5,10", help="N values for the peak-RSS sweep")
-    p.add_argument("--budgets", default="256,64", help="memory_budget_mb values (the first is the headline)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of (engine 1 rank, engine 2 ranks, CLI runs)")
+    p.add_argument("--budgets", default="256,64,16", help="memory_budget_mb values (the first is the headline)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (engine 1 rank, engine 2 ranks, the two CLI commands)")
     p.add_argument("--work-dir", default="/tmp/pma-merge-bench", help="checkpoints and outputs (GBs)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the generated inputs for a later run")
     p.add_argument("--results-dir", default=str(RESULTS_DIR))
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--py-spy", default="auto", choices=("auto", "off"), help="sampled profile if py-spy is installed")
+    p.add_argument("--render", metavar="JSON", help="only re-render the .md and .png next to an existing results .json")
     a = p.parse_args(argv)
     if a.quick:  # 4 small checkpoints, one round, no 2-thread job, naive at N only, no py-spy
         a.rounds, a.n, a.sweep_n, a.py_spy = min(a.rounds, 1), min(a.n, 4), "2,4", "off"
@@ -541,6 +559,13 @@ def ensure_checkpoints(args, work: Path, log) -> tuple[Path, dict]:
 
 def run_benchmark(args) -> dict:
     work = Path(args.work_dir) / f"run-{os.getpid()}"
+    try:
+        return _run_benchmark(args, work)
+    finally:  # outputs and scratch always go; the inputs unless --keep-checkpoints (see below)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_benchmark(args, work: Path) -> dict:
     base = Path(args.work_dir)
     base.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -575,37 +600,52 @@ def run_benchmark(args) -> dict:
     log(f"raw read: {result['raw_read']['gbps_median']:.2f} GB/s (median of 3, warm cache)")
 
     # ---- engine (in-process, alternating 1 and 2 ranks) and the CLI, per round
-    configs = [{"n": args.n, "budget_mb": b} for b in args.budget_list]
-    configs += [{"n": n, "budget_mb": b} for b in args.budget_list for n in args.sweep if n != args.n]
     engine_runs, cli_runs = [], []
     out = work / "out"
+
+    def engine_job(ranks, threads, cfgs, tag):
+        warm()
+        proc, wall = _run(_torchrun(ranks) + [__file__, "_engine", "--root", str(root), "--out", str(out),
+                                              "--configs", json.dumps(cfgs)], env=_env(threads))
+        rows = [{**tag, "ranks": ranks, "job_wall_s": wall, **row} for row in _parse(proc, "ENGINE")]
+        engine_runs.extend(rows)
+        return rows
+
+    headline = [{"n": args.n, "budget_mb": b} for b in args.budget_list]
     for round_ in range(args.rounds):
-        jobs = [(1, 1, configs), (2, 1, configs)] + ([] if args.quick else [(1, 2, configs[:1])])
+        # Budgets in alternating order (the second merge of a job finds a warmer heap). A 1-rank job
+        # with 2 OpenMP threads (what plain `pma-merge` gets on 2 cores) once, at the headline config.
+        order = headline if round_ % 2 == 0 else headline[::-1]
+        jobs = [(1, 1, order), (2, 1, order)] + ([(1, 2, headline[:1])] if round_ == 0 and not args.quick else [])
         for ranks, threads, cfgs in jobs:
-            warm()
-            proc, wall = _run(_torchrun(ranks) + [__file__, "_engine", "--root", str(root), "--out", str(out),
-                                                  "--configs", json.dumps(cfgs)], env=_env(threads))
-            for row in _parse(proc, "ENGINE"):
-                engine_runs.append({"round": round_, "ranks": ranks, **row})
-            summary = [r for r in engine_runs if r["round"] == round_ and r["ranks"] == ranks
-                       and r["threads"] == threads and r["n"] == args.n and r["budget_mb"] == args.budget_list[0]][0]
+            rows = engine_job(ranks, threads, cfgs, {"phase": "rounds", "round": round_})
+            first = next(r for r in rows if r["budget_mb"] == args.budget_list[0])
             log(f"round {round_ + 1}/{args.rounds}: engine {ranks} rank(s) x {threads} thread(s), N={args.n}: "
-                f"{summary['read_gbps']:.2f} GB/s ({summary['seconds']:.2f} s; job {wall:.1f} s)")
-        for label, cmd in cli_commands(root, out, args):
+                f"{first['read_gbps']:.2f} GB/s ({first['seconds']:.2f} s; job {first['job_wall_s']:.1f} s)")
+        for label, cmd, shown in cli_commands(root, out, args):
             warm()
             proc, wall = _run(cmd)
             merged = json.loads(next(out.glob("iter_*/pma_merge.json")).read_text())["summary"]
             line = next((x for x in proc.stdout.splitlines() if x.startswith("merged ")), "")
-            cli_runs.append({"round": round_, "label": label, "command": " ".join(cmd[cmd.index("-m") + 1:] if "-m" in cmd else cmd),
-                             "wall_s": wall, "summary": merged, "stdout_line": line})
+            cli_runs.append({"round": round_, "label": label, "command": shown, "wall_s": wall, "summary": merged,
+                             "stdout_line": line})
             shutil.rmtree(out, ignore_errors=True)
             log(f"round {round_ + 1}/{args.rounds}: {label}: wall {wall:.1f} s, engine {merged['seconds']:.2f} s "
                 f"({merged['read_gbps']:.2f} GB/s)")
+    # ---- peak RSS vs N: one fresh 2-rank job per (budget, N), so no merge inherits another's heap
+    for budget in (args.budget_list[:1] if args.quick else args.budget_list):
+        for n in args.sweep:
+            row = engine_job(2, 1, [{"n": n, "budget_mb": budget}], {"phase": "rss"})[0]
+            log(f"RSS sweep, 2 ranks, budget {budget} MiB, N={n}: growth per rank "
+                f"{[round(r['rss_growth'] / MiB) for r in row['per_rank']]} MiB, {row['read_gbps']:.2f} GB/s")
     result["engine_runs"], result["cli_runs"] = engine_runs, cli_runs
     proc, _ = _run([sys.executable, __file__, "_imports"])
     imports = [_parse(proc, "IMPORTS")]
     proc, interp = _run([sys.executable, "-c", "pass"])
-    result["startup"] = {"imports": imports[0], "bare_interpreter_s": interp}
+    _, noop = _run(_torchrun(2) + [__file__, "_noop"])
+    _, dry = _run(cli_commands(root, out, args)[1][1] + ["dry_run=true"])
+    result["startup"] = {"imports": imports[0], "bare_interpreter_s": interp, "torchrun_2_noop_s": noop,
+                         "pma_merge_dry_run_s": dry}
 
     # ---- naive baseline
     if not args.no_naive:
@@ -632,7 +672,7 @@ def run_benchmark(args) -> dict:
         if args.py_spy == "auto" and spy:
             warm()
             raw_out = work / "py-spy.txt"
-            proc, _ = _run([spy, "record", "-r", "250", "-n", "-f", "raw", "-o", str(raw_out), "--", sys.executable,
+            proc, _ = _run([spy, "record", "-r", "100", "-n", "-f", "raw", "-o", str(raw_out), "--", sys.executable,
                             __file__, "_profile", "--plain", "--root", str(root), "--out", str(work / "prof"),
                             "--count", str(args.n), "--budget-mb", str(args.budget_list[0])])
             result["py_spy"] = {**summarise_py_spy(raw_out), "plain_run": _parse(proc, "PROFILE")}
@@ -645,13 +685,16 @@ def run_benchmark(args) -> dict:
     return result
 
 
-def cli_commands(root: Path, out: Path, args) -> list[tuple[str, list[str]]]:
+def cli_commands(root: Path, out: Path, args) -> list[tuple[str, list[str], str]]:
+    """(label, argv, how it reads in the report) of the whole-command runs."""
     common = ["progress_bar=false", f"root={root}", f"n={args.n}", f"v_tokens={V_TOKENS}", "method=sma",
               f"memory_budget_mb={args.budget_list[0]}", f"output={out}"]
+    shown = " ".join(common).replace(str(root), "<root>").replace(str(out), "<out>")
     pma_merge = Path(sys.executable).parent / "pma-merge"
     plain = [str(pma_merge)] if pma_merge.exists() else [sys.executable, "-m", "pma_train.cli.merge"]
-    return [("torchrun 2 ranks", _torchrun(2) + ["-m", "pma_train.cli.merge"] + common),
-            ("pma-merge 1 rank (no torchrun)", plain + common)]
+    return [("torchrun 2 ranks", _torchrun(2) + ["-m", "pma_train.cli.merge"] + common,
+             f"OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m pma_train.cli.merge {shown}"),
+            ("pma-merge 1 rank (no torchrun)", plain + common, f"OMP_NUM_THREADS=1 pma-merge {shown}")]
 
 
 def summarise_py_spy(path: Path, top: int = 14) -> dict:
@@ -671,7 +714,7 @@ def summarise_py_spy(path: Path, top: int = 14) -> dict:
             key += " -> " + native[min(1, len(native) - 1)].split(" (")[0][:60]
         by_frame[key] = by_frame.get(key, 0) + int(count)
     rows = sorted(by_frame.items(), key=lambda kv: -kv[1])[:top]
-    return {"samples": total, "rate_hz": 250, "top": [{"frame": k, "samples": v, "share": v / max(total, 1)} for k, v in rows]}
+    return {"samples": total, "rate_hz": 100, "top": [{"frame": k, "samples": v, "share": v / max(total, 1)} for k, v in rows]}
 
 
 # ============================================================================= reports
@@ -681,13 +724,13 @@ def aggregate(result: dict) -> dict:
     """Medians over rounds per (ranks, threads, n, budget)."""
     groups: dict[tuple, list[dict]] = {}
     for row in result["engine_runs"]:
-        groups.setdefault((row["ranks"], row["threads"], row["n"], row["budget_mb"]), []).append(row)
+        groups.setdefault((row["phase"], row["ranks"], row["threads"], row["n"], row["budget_mb"]), []).append(row)
     table = []
-    for (ranks, threads, n, budget), rows in sorted(groups.items()):
+    for (phase, ranks, threads, n, budget), rows in sorted(groups.items()):
         gbps = [r["read_gbps"] for r in rows]
         per_rank_growth = [max(r["per_rank"][k]["rss_growth"] for r in rows) for k in range(ranks)]
         per_rank_peak = [max(r["per_rank"][k]["peak_rss"] for r in rows) for k in range(ranks)]
-        table.append({"ranks": ranks, "threads": threads, "n": n, "budget_mb": budget, "runs": len(rows),
+        table.append({"phase": phase, "ranks": ranks, "threads": threads, "n": n, "budget_mb": budget, "runs": len(rows),
                       "bytes_read": rows[0]["bytes_read"], "pieces": rows[0]["pieces"],
                       "seconds_median": _median([r["seconds"] for r in rows]),
                       "gbps_median": _median(gbps), "gbps_min": min(gbps), "gbps_max": max(gbps),
@@ -703,7 +746,8 @@ def aggregate(result: dict) -> dict:
                   "gbps_median": _median([r["summary"]["read_gbps"] for r in rows]),
                   "peak_rss_max": max(r["summary"]["peak_rss_bytes"] for r in rows),
                   "growth_max": max(r["summary"]["peak_rss_above_start_bytes"] for r in rows)} for label, rows in cli.items()]
-    return {"engine": table, "cli": cli_table}
+    return {"engine": [r for r in table if r["phase"] == "rounds"], "rss": [r for r in table if r["phase"] == "rss"],
+            "cli": cli_table}
 
 
 def _find(table, **match):
@@ -757,9 +801,11 @@ def markdown(result: dict, agg: dict) -> str:
     if cli2:
         lines.append(f"| whole command `torchrun --nproc-per-node 2 -m pma_train.cli.merge ...` wall time | "
                      f"{cli2['wall_median']:.1f} s (engine {cli2['engine_median']:.2f} s) | |")
-    if e2:
-        lines.append(f"| peak RSS growth of the busiest rank while merging, 2 ranks, N={n} | {e2['growth_max'] / MiB:.0f} MiB "
-                     f"(whole process {e2['peak_rss_max'] / MiB:.0f} MiB) | <= budget {head} MiB |")
+    for b in budgets:
+        r = _find(agg["rss"], ranks=2, threads=1, n=n, budget_mb=b)
+        if r:
+            lines.append(f"| RSS growth while merging, busiest of 2 ranks, N={n}, budget {b} MiB (fresh job) | "
+                         f"{r['growth_max'] / MiB:.0f} MiB (whole process {r['peak_rss_max'] / MiB:.0f} MiB) | <= {b} MiB |")
     naive = {r["n"]: r for r in result.get("naive", [])}
     if n in naive:
         lines.append(f"| naive load-everything baseline, N={n} | {naive[n]['seconds']:.1f} s, peak RSS "
@@ -768,7 +814,8 @@ def markdown(result: dict, agg: dict) -> str:
               "In-process `run_merge` under torchrun (one job per row group and round; outputs deleted after each merge). "
               "*GB/s* = bytes read / the engine's timed loop (`summary.seconds`: read, accumulate, write, fsync; not "
               "planning or publishing), median (min-max) over rounds. RSS: the engine's own sampler, max over rounds; "
-              "*growth* = peak minus RSS at the start of the merge.", "",
+              "*growth* = peak minus RSS at the start of the merge (here the second merge of a job may reuse heap the "
+              "first one freed: see the fresh-job sweep below for memory).", "",
               "| ranks x threads | N | budget MiB | GiB read | pieces | engine s | GB/s | busiest rank: peak RSS / growth MiB | per-rank growth MiB |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(agg["engine"], key=lambda r: (r["n"] != n, r["budget_mb"] != head, r["ranks"], r["threads"], r["n"], -r["budget_mb"])):
@@ -777,12 +824,15 @@ def markdown(result: dict, agg: dict) -> str:
                      f"{row['gbps_max']:.2f}) | {row['peak_rss_max'] / MiB:.0f} / {row['growth_max'] / MiB:.0f} | "
                      f"{', '.join(f'{g / MiB:.0f}' for g in row['per_rank_growth'])} |")
     lines += ["", "## Peak RSS per rank vs N (2 ranks; naive: one process)", "",
+              "One fresh 2-rank job per cell (`run_merge` in-process under torchrun). Cells: RSS growth while merging "
+              "(peak RSS of the whole process) per rank, MiB. The whole process includes ~0.5 GiB of torch / "
+              "megatron imports.", "",
               "| N | " + " | ".join(f"engine {b} MiB: growth (peak) per rank" for b in budgets) + " | naive: growth (peak) |",
               "|---|" + "---|" * (len(budgets) + 1)]
-    for k in sorted({r["n"] for r in agg["engine"]}):
+    for k in sorted({r["n"] for r in agg["rss"]} | set(naive)):
         cells = []
         for b in budgets:
-            row = _find(agg["engine"], ranks=2, threads=1, n=k, budget_mb=b)
+            row = _find(agg["rss"], ranks=2, threads=1, n=k, budget_mb=b)
             cells.append("-" if row is None else ", ".join(f"{g / MiB:.0f} ({p / MiB:.0f})" for g, p in
                                                            zip(row["per_rank_growth"], row["per_rank_peak_rss"])))
         nv = naive.get(k)
@@ -799,7 +849,10 @@ def markdown(result: dict, agg: dict) -> str:
     st = result["startup"]
     lines += ["", f"Start-up parts, measured alone: bare `python -c pass` {st['bare_interpreter_s']:.2f} s; importing "
               f"`pma_train.cli.merge` (hydra, omegaconf, config) {st['imports']['cli_s']:.2f} s, then "
-              f"`pma_train.merge.engine` (torch, torch.distributed.checkpoint) {st['imports']['engine_s']:.2f} s."]
+              f"`pma_train.merge.engine` (torch, torch.distributed.checkpoint) {st['imports']['engine_s']:.2f} s; "
+              f"`pma-merge ... dry_run=true` (1 process: imports, hydra, selection; no merge) "
+              f"{st.get('pma_merge_dry_run_s', float('nan')):.1f} s; `torchrun --nproc-per-node 2` of a worker that only "
+              f"imports the engine, joins the gloo group and leaves {st.get('torchrun_2_noop_s', float('nan')):.1f} s."]
     if result["cli_runs"]:
         lines += ["", "stdout line of the last 2-rank run:", "", "```",
                   next((r["stdout_line"] for r in reversed(result["cli_runs"]) if r["label"] == "torchrun 2 ranks"), ""), "```"]
@@ -808,11 +861,12 @@ def markdown(result: dict, agg: dict) -> str:
                   "`dcp_to_torch_save` per input into a temporary .pt, `torch.load`, all N state dicts kept, weighted fp32 "
                   "sum per tensor, `torch.save` of the result. Peak RSS: psutil sampling every 5 ms (and ru_maxrss).", "",
                   "| N | total s | dcp_to_torch_save s | torch.load s | average s | torch.save s | GB/s of input | "
-                  "peak RSS MiB | growth MiB | ru_maxrss MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "process wall s | peak RSS MiB | growth MiB | ru_maxrss MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for k, row in sorted(naive.items()):
             t = row["times"]
             lines.append(f"| {k} | {row['seconds']:.1f} | {t['dcp_to_torch_save']:.1f} | {t['torch_load']:.1f} | "
                          f"{t['average']:.1f} | {t['torch_save_output']:.1f} | {row['input_bytes'] / row['seconds'] / GB:.2f} | "
+                         f"{row.get('wall_s', float('nan')):.1f} | "
                          f"{row['peak_rss'] / MiB:.0f} | {row['rss_growth'] / MiB:.0f} | {row['ru_maxrss'] / MiB:.0f} |")
     if "profile" in result:
         prof = result["profile"]
@@ -836,8 +890,8 @@ def markdown(result: dict, agg: dict) -> str:
                 lines.append(f"| {name} | {v['gbps']:.2f} | {v['ms_per_64MB']:.1f} |")
     if "py_spy" in result:
         spy = result["py_spy"]
-        lines += ["", f"py-spy (250 Hz, {spy['samples']} samples inside `run_merge`, a plain 1-rank run at "
-                  f"{spy['plain_run']['read_gbps']:.2f} GB/s), innermost engine frame -> native frame:", "",
+        lines += ["", f"py-spy ({spy['rate_hz']} Hz, native stacks, {spy['samples']} samples inside `run_merge`, a plain 1-rank run at "
+                  f"{spy['plain_run']['read_gbps']:.2f} GB/s, slowed by the sampling), innermost engine frame -> native frame:", "",
                   "| frame | share |", "|---|---|"]
         for row in spy["top"]:
             lines.append(f"| `{row['frame']}` | {row['share']:.0%} |")
@@ -851,13 +905,13 @@ def plot(result: dict, agg: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     n = result["inputs"]["n"]
-    budgets = sorted({r["budget_mb"] for r in agg["engine"]}, reverse=True)
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    budgets = sorted({r["budget_mb"] for r in agg["rss"]}, reverse=True)
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     ax = axes[0][0]
     labels, values = ["raw read"], [result["raw_read"]["gbps_median"]]
     for row in sorted(agg["engine"], key=lambda r: (r["ranks"], r["threads"], -r["budget_mb"])):
         if row["n"] == n:
-            labels.append(f"engine {row['ranks']}r x{row['threads']}t\n{row['budget_mb']} MiB")
+            labels.append(f"{row['ranks']} rank x{row['threads']} thr\n{row['budget_mb']} MiB")
             values.append(row["gbps_median"])
     naive = {r["n"]: r for r in result.get("naive", [])}
     if n in naive:
@@ -865,16 +919,16 @@ def plot(result: dict, agg: dict, path: Path) -> None:
         values.append(naive[n]["input_bytes"] / naive[n]["seconds"] / GB)
     ax.bar(range(len(values)), values, color=["#888"] + ["#3a7"] * (len(values) - 1))
     ax.axhline(TARGET_GBPS, color="r", ls="--", lw=1, label=f"target {TARGET_GBPS} GB/s")
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_xticks(range(len(values)), labels, fontsize=7, rotation=40, ha="right")
     ax.set_ylabel("GB of input / s")
     ax.set_title(f"Throughput, N={n} ({result['inputs']['bytes_total'] / GiB:.2f} GiB), warm cache")
     ax.legend(fontsize=8)
     ax = axes[0][1]
-    ns = sorted({r["n"] for r in agg["engine"]})
+    ns = sorted({r["n"] for r in agg["rss"]})
     width = 0.8 / (len(budgets) + 1)
     for i, b in enumerate(budgets):
-        ys = [max(_find(agg["engine"], ranks=2, threads=1, n=k, budget_mb=b)["per_rank_peak_rss"]) / MiB
-              if _find(agg["engine"], ranks=2, threads=1, n=k, budget_mb=b) else 0 for k in ns]
+        ys = [max(_find(agg["rss"], ranks=2, threads=1, n=k, budget_mb=b)["per_rank_peak_rss"]) / MiB
+              if _find(agg["rss"], ranks=2, threads=1, n=k, budget_mb=b) else 0 for k in ns]
         ax.bar([x + i * width for x in range(len(ns))], ys, width, label=f"engine, busiest of 2 ranks, budget {b} MiB")
     if naive:
         ax.bar([x + len(budgets) * width for x in range(len(ns))], [naive[k]["peak_rss"] / MiB if k in naive else 0 for k in ns],
@@ -885,10 +939,14 @@ def plot(result: dict, agg: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax = axes[1][0]
     for i, b in enumerate(budgets):
-        ys = [max(_find(agg["engine"], ranks=2, threads=1, n=k, budget_mb=b)["per_rank_growth"]) / MiB
-              if _find(agg["engine"], ranks=2, threads=1, n=k, budget_mb=b) else 0 for k in ns]
+        ys = [max(_find(agg["rss"], ranks=2, threads=1, n=k, budget_mb=b)["per_rank_growth"]) / MiB
+              if _find(agg["rss"], ranks=2, threads=1, n=k, budget_mb=b) else None for k in ns]
         ax.plot(ns, ys, "o-", label=f"engine growth while merging, budget {b} MiB")
         ax.axhline(b, ls=":", color=ax.lines[-1].get_color(), lw=1)
+    if naive:
+        ax.plot(sorted(naive), [naive[k]["rss_growth"] / MiB for k in sorted(naive)], "s--", color="#c55",
+                label="naive (one process), growth")
+        ax.set_yscale("log")
     ax.set_xlabel("N")
     ax.set_ylabel("MiB")
     ax.set_title("RSS growth of the busiest rank while merging (dotted: budget)")
@@ -913,12 +971,17 @@ def main(argv=None) -> None:
         WORKERS[sys.argv[1]](sys.argv[2:])
         return
     args = parse_args(argv)
-    result = run_benchmark(args)
+    if args.render:
+        path = Path(args.render)
+        result = json.loads(path.read_text())
+        directory, name = path.parent, path.stem
+    else:
+        result = run_benchmark(args)
+        directory = Path(args.results_dir)
+        name = BASENAME + ("_quick" if args.quick else "")
     agg = aggregate(result)
     result["aggregate"] = agg
-    directory = Path(args.results_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    name = BASENAME + ("_quick" if args.quick else "")
     (directory / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (directory / f"{name}.md").write_text(markdown(result, agg))
     plot(result, agg, directory / f"{name}.png")

@@ -58,20 +58,28 @@ def tp2pp2_run(tmp_path_factory):
     return run_dir / "checkpoints"
 
 
-@pytest.mark.parametrize("method, weights", [("sma", sma(3)), ("ema", ema(3, 0.2)), ("wma", wma(3))])
-def test_merge_equals_fp64_reference_for_1_2_3_ranks(tp2pp2_run, tmp_path, method, weights):
+def test_merge_equals_fp64_reference_for_1_2_3_ranks(tp2pp2_run, tmp_path):
     inputs = [tp2pp2_run / layout.iter_dir_name(i) for i in (2, 4, 6)]
+    expected = {"sma": sma(3), "ema": ema(3, 0.2), "wma": wma(3)}
     for ranks in (1, 2, 3):
-        out = tmp_path / f"merged-{ranks}"
-        proc = merge_cli([f"root={tp2pp2_run}", "n=3", "v_iterations=2", f"method={method}", "alpha=0.2",
-                          f"output={out}"], nproc=ranks)
+        prefix = tmp_path / f"merged-{ranks}"
+        proc = run_module(["tests.merge_driver", str(tp2pp2_run), str(prefix), "sma", "ema:0.2", "wma"], nproc=ranks)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert f"on {ranks} rank(s)" in proc.stdout
-        assert len(list((out / "iter_0000006").glob("__*_0.distcp"))) == ranks  # each rank wrote its own file
-        assert_merged(out, inputs, weights, tmp_path)
-        provenance = json.loads((out / "iter_0000006" / "pma_merge.json").read_text())
-        assert [i["weight"] for i in provenance["inputs"]] == pytest.approx(weights)
-        assert layout.read_tracker(out) == 6
+        for method, weights in expected.items():
+            out = tmp_path / f"merged-{ranks}-{method}"
+            assert len(list((out / "iter_0000006").glob("__*_0.distcp"))) == ranks  # each rank wrote its own file
+            assert_merged(out, inputs, weights, tmp_path)
+            provenance = json.loads((out / "iter_0000006" / "pma_merge.json").read_text())
+            assert [i["weight"] for i in provenance["inputs"]] == pytest.approx(weights)
+            assert layout.read_tracker(out) == 6
+
+
+def test_cli_selects_by_spacing_and_merges_on_two_ranks(tp2pp2_run, tmp_path):
+    out = tmp_path / "merged"
+    proc = merge_cli([f"root={tp2pp2_run}", "n=2", "v_iterations=4", "method=wma", f"output={out}"], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "on 2 rank(s)" in proc.stdout
+    assert_merged(out, [tp2pp2_run / "iter_0000002", tp2pp2_run / "iter_0000006"], wma(2), tmp_path)
 
 
 def test_merged_checkpoint_evaluates_alike_under_other_layouts_and_resumes(tp2pp2_run, tmp_path):

@@ -58,6 +58,10 @@ def _run(node: DictConfig) -> None:
     from pma_train.platform import init_process_group
 
     init_process_group("gloo")
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)  # memory-bound: extra threads only contend (measured 4x slower with 2)
     request = MergeRequest(inputs=inputs, weights=weights, output_root=Path(cfg.output), method=cfg.method,
                            alpha=cfg.alpha if cfg.method == "ema" else None,
                            budget_bytes=cfg.memory_budget_mb * 2**20, accumulate=cfg.accumulate_dtype,

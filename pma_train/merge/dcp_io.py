@@ -186,6 +186,7 @@ class ChunkReader:
     def __init__(self):
         self._fds: dict[Path, int] = {}
         self._located: dict[tuple[Path, int], _Located | None] = {}
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         self.bytes_read = 0
 
     def close(self) -> None:
@@ -244,8 +245,11 @@ class ChunkReader:
         nbytes = count * _itemsize(dtype)
         if not nbytes:
             return torch.empty(0, dtype=dtype)
-        # torch.empty: no zero-filling pass over memory the read overwrites anyway.
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        # One reused scratch buffer: fresh large allocations (page faults) cost more than the copy.
+        # Callers consume each block before the next read.
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = self._scratch[:nbytes]
         view, done, fd = memoryview(buffer.numpy()), 0, self._fd(path)
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)

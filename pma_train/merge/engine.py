@@ -134,8 +134,13 @@ def _accumulate(reader: ChunkReader, entry: TensorEntry, piece: Piece, acc: torc
                          f"{math.prod(piece.sizes)} elements at offsets {piece.offsets}")
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # Any NaN / Inf makes the sum non-finite; only an overflowing sum needs the full check.
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def _check_finite(block: torch.Tensor, key: str, source: str) -> None:
-    if block.is_floating_point() and not torch.isfinite(block).all():
+    if block.is_floating_point() and not _all_finite(block):
         raise MergeError(f"tensor {key} in {source} holds NaN or Inf")
 
 
@@ -254,6 +259,24 @@ def run_merge(request: MergeRequest) -> MergeSummary:
     return summary
 
 
+_STRIP_BYTES = 4 * 2**20
+
+
+def _strips(piece: Piece, entries: list[TensorEntry]):
+    """(row slice of the piece, the sub-piece it covers), a few MiB of the widest input each."""
+    if not piece.sizes:
+        yield slice(None), piece
+        return
+    widest = max(math.prod(c.sizes[1:]) * c_size for e in entries for c in e.chunks
+                 for c_size in (torch.empty((), dtype=e.dtype).element_size(),))
+    rows = max(1, _STRIP_BYTES // max(widest, 1))
+    for start in range(0, piece.sizes[0], rows):
+        count = min(rows, piece.sizes[0] - start)
+        sub = Piece(piece.key, (piece.offsets[0] + start, *piece.offsets[1:]), (count, *piece.sizes[1:]),
+                    piece.nbytes * count // piece.sizes[0])
+        yield slice(start, start + count), sub
+
+
 def _remove_leftovers(output_root: Path, iteration: int) -> None:
     """Temporaries of an earlier, killed merge into this very output checkpoint."""
     if output_root.is_dir():
@@ -274,12 +297,15 @@ def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, 
         progress.update(piece.nbytes)
         return acc.to(out_dtype)
     acc = torch.zeros(piece.sizes, dtype=accumulate)
-    for entry, info, weight in zip(entries, request.inputs, request.weights):
-        _accumulate(reader, entry, piece, acc, weight, str(info.path))
-        progress.update(piece.nbytes)
+    # Strips of a few MiB through all inputs in turn: the accumulator strip stays in cache.
+    for strip, sub in _strips(piece, entries):
+        target = acc[strip] if piece.sizes else acc
+        for entry, info, weight in zip(entries, request.inputs, request.weights):
+            _accumulate(reader, entry, sub, target, weight, str(info.path))
+    progress.update(piece.nbytes * len(entries))
     # NaN / Inf in any input reaches the sum: one check of the result, and only when it fails
     # a second look at the inputs to name the culprit.
-    if not torch.isfinite(acc).all():
+    if not _all_finite(acc):
         for entry, info in zip(entries, request.inputs):
             _accumulate(reader, entry, piece, torch.zeros_like(acc), 1.0, str(info.path), check=True)
         raise MergeError(f"tensor {piece.key}: the weighted sum overflows to Inf at offsets {piece.offsets}")
