@@ -133,6 +133,16 @@ class _FakeStream:
         return True
 
 
+class _DoneWork:
+    """What an async collective returns once it has already completed."""
+
+    def wait(self, *args, **kwargs) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
 def _set_cpu_rng_state(state, device=None):
     torch.default_generator.set_state(state)
 
@@ -233,6 +243,23 @@ def _patch_megatron() -> None:
         return plain_all_to_all_single(output, input, output_split_sizes, input_split_sizes, *args, **kwargs)
 
     dist.all_to_all_single = all_to_all_single
+
+    # gloo's all_gather wants equal sizes; the MoE dispatcher under TP gathers uneven token counts.
+    plain_all_gather = dist.all_gather
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return plain_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        buffers = [torch.empty_like(padded) for _ in tensor_list]
+        plain_all_gather(buffers, padded, group=group)
+        for out, buffer in zip(tensor_list, buffers):
+            out.copy_(buffer[: out.shape[0]])
+        return _DoneWork() if async_op else None
+
+    dist.all_gather = all_gather
 
 
 def install_cpu_compat() -> None:

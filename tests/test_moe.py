@@ -52,3 +52,13 @@ def test_merge_of_ep2_checkpoints_equals_reference(ep2, tmp_path, method, weight
     assert proc.returncode == 0, proc.stderr[-3000:]
     inputs = [root / layout.iter_dir_name(i) for i in (2, 6, 10)]
     assert_merged(out, inputs, weights, tmp_path)
+
+
+@pytest.mark.parametrize("layout_args", [["parallel.ep=2", "parallel.tp=2"], ["parallel.ep=2", "parallel.pp=2"]],
+                         ids=["ep2-tp2", "ep2-pp2"])
+def test_ep_with_tp_or_pp_trains_like_ep1(ep1, tmp_path, layout_args):
+    run = train(tmp_path / "run", MOE + layout_args + ["checkpoint.interval=100", "checkpoint.save_at_end=false"], nproc=4)
+    a, b = ep1.losses(), run.losses()
+    assert sorted(b) == list(range(1, STEPS + 1))
+    assert max(abs(a[k] - b[k]) for k in a) < 2e-4, (a, b)
+    assert b[STEPS] < b[1] - 1.0
