@@ -30,6 +30,7 @@ from pma_train.merge.dcp_io import (
     ChunkReader,
     ChunkWriter,
     TensorEntry,
+    _itemsize,
     assemble_metadata,
 )
 from pma_train.merge.plan import Piece, PlanError, assign, check_compatible, plan_pieces
@@ -105,14 +106,11 @@ def _intersect(a_off, a_size, b_off, b_size):
     return lo, [h - l for l, h in zip(lo, hi)]
 
 
-def _accumulate(reader: ChunkReader, entry: TensorEntry, piece: Piece, acc: torch.Tensor, weight: float,
-                source: str, check: bool = False) -> None:
-    """acc += weight * (the piece's box of one input), reading only overlapping rows."""
+def _blocks(reader: ChunkReader, entry: TensorEntry, piece: Piece, source: str):
+    """(index into the piece, block of one input) for every stored chunk overlapping the piece,
+    reading only the overlapping rows; the blocks must cover the piece."""
     if not piece.sizes:  # 0-d tensor
-        value = reader.read_rows(entry.chunks[0], 0, 1).reshape(())
-        if check:
-            _check_finite(value, entry.key, source)
-        acc.add_(value, alpha=weight)
+        yield (), reader.read_rows(entry.chunks[0], 0, 1).reshape(())
         return
     covered = 0
     for chunk in entry.chunks:
@@ -124,14 +122,20 @@ def _accumulate(reader: ChunkReader, entry: TensorEntry, piece: Piece, acc: torc
         rows = reader.read_rows(chunk, first, first + size[0])
         block = rows[(slice(None),) + tuple(slice(lo[d] - chunk.offsets[d], lo[d] - chunk.offsets[d] + size[d])
                                             for d in range(1, len(size)))]
-        if check:
-            _check_finite(block, entry.key, source)
-        target = acc[tuple(slice(lo[d] - piece.offsets[d], lo[d] - piece.offsets[d] + size[d]) for d in range(len(size)))]
-        target.add_(block, alpha=weight)  # promotes bf16 / fp16 blocks on the fly, no temporary
+        yield tuple(slice(lo[d] - piece.offsets[d], lo[d] - piece.offsets[d] + size[d]) for d in range(len(size))), block
         covered += math.prod(size)
     if covered != math.prod(piece.sizes):
         raise MergeError(f"{entry.key} in {source}: stored chunks cover {covered} of the "
                          f"{math.prod(piece.sizes)} elements at offsets {piece.offsets}")
+
+
+def _accumulate(reader: ChunkReader, entry: TensorEntry, piece: Piece, acc: torch.Tensor, weight: float,
+                source: str, check: bool = False) -> None:
+    """acc += weight * (the piece's box of one input)."""
+    for index, block in _blocks(reader, entry, piece, source):
+        if check:
+            _check_finite(block, entry.key, source)
+        acc[index].add_(block, alpha=weight)  # promotes bf16 / fp16 blocks on the fly, no temporary
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -267,8 +271,7 @@ def _strips(piece: Piece, entries: list[TensorEntry]):
     if not piece.sizes:
         yield slice(None), piece
         return
-    widest = max(math.prod(c.sizes[1:]) * c_size for e in entries for c in e.chunks
-                 for c_size in (torch.empty((), dtype=e.dtype).element_size(),))
+    widest = max(math.prod(c.sizes[1:]) * _itemsize(e.dtype) for e in entries for c in e.chunks)
     rows = max(1, _STRIP_BYTES // max(widest, 1))
     for start in range(0, piece.sizes[0], rows):
         count = min(rows, piece.sizes[0] - start)
@@ -293,7 +296,7 @@ def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, 
         if newest.dtype.is_floating_point:
             _accumulate(reader, newest, piece, acc, 1.0, str(request.inputs[-1].path), check=True)
         else:
-            _copy_exact(reader, newest, piece, acc)
+            _copy_exact(reader, newest, piece, acc, str(request.inputs[-1].path))
         progress.update(piece.nbytes)
         return acc.to(out_dtype)
     acc = torch.zeros(piece.sizes, dtype=accumulate)
@@ -312,20 +315,9 @@ def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, 
     return acc.to(out_dtype)
 
 
-def _copy_exact(reader: ChunkReader, entry: TensorEntry, piece: Piece, out: torch.Tensor) -> None:
-    for chunk in entry.chunks:
-        box = _intersect(piece.offsets, piece.sizes, chunk.offsets, chunk.sizes) if piece.sizes else ([], [])
-        if box is None:
-            continue
-        lo, size = box
-        if not piece.sizes:
-            out.copy_(reader.read_rows(chunk, 0, 1).reshape(()))
-            return
-        first = lo[0] - chunk.offsets[0]
-        rows = reader.read_rows(chunk, first, first + size[0])
-        block = rows[(slice(None),) + tuple(slice(lo[d] - chunk.offsets[d], lo[d] - chunk.offsets[d] + size[d])
-                                            for d in range(1, len(size)))]
-        out[tuple(slice(lo[d] - piece.offsets[d], lo[d] - piece.offsets[d] + size[d]) for d in range(len(size)))].copy_(block)
+def _copy_exact(reader: ChunkReader, entry: TensorEntry, piece: Piece, out: torch.Tensor, source: str) -> None:
+    for index, block in _blocks(reader, entry, piece, source):
+        out[index].copy_(block)
 
 
 def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors, summary: MergeSummary) -> None:
