@@ -125,6 +125,7 @@ class InitMergeConfig:
     end_iteration: Optional[int] = None
     method: str = "sma"
     alpha: float = 0.2
+    decay_shape: str = "linear"
 
 
 @dataclass
@@ -207,6 +208,7 @@ class TrackConfig:
     v_tokens: Optional[int] = None
     method: str = "sma"
     alpha: float = 0.2
+    decay_shape: str = "linear"
     # Also save the merged weights (model only) under <run.dir>/merged at every eval.
     save: bool = False
 
@@ -294,6 +296,19 @@ def track_spacing_iters(cfg: JobConfig) -> int:
     return tr.v_iterations or cfg.checkpoint.interval
 
 
+METHODS = ("sma", "ema", "wma", "decay")
+MERGE_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+def _check_method(prefix: str, method: str, alpha: float, decay_shape: str, allowed=METHODS) -> None:
+    if method not in allowed:
+        _fail(prefix + "method", f"'{method}' is not one of {', '.join(allowed)}")
+    if method == "ema" and not 0.0 < alpha <= 1.0:
+        _fail(prefix + "alpha", f"must be in (0, 1], got {alpha}")
+    if method == "decay" and decay_shape not in MERGE_DECAY_SHAPES:
+        _fail(prefix + "decay_shape", f"'{decay_shape}' is not one of {', '.join(MERGE_DECAY_SHAPES)}")
+
+
 def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     """Check that the job can run; raise ConfigError naming the first field that cannot."""
     world_size = world_size_from_env() if world_size is None else world_size
@@ -372,8 +387,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if tr.enabled:
         if tr.n < 1:
             _fail("track.n", f"must be >= 1, got {tr.n}")
-        if tr.method not in ("sma", "ema", "wma"):
-            _fail("track.method", f"'{tr.method}' is not one of sma, ema, wma")
+        _check_method("track.", tr.method, tr.alpha, tr.decay_shape)
         spacing = track_spacing_iters(cfg)
         if spacing % cfg.checkpoint.interval:
             _fail("track.v_iterations" if tr.v_tokens is None else "track.v_tokens",
@@ -390,8 +404,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             _fail("checkpoint.init_merge.root", f"{im.root} is not a directory")
         if cfg.checkpoint.init_from is not None:
             _fail("checkpoint.init_merge.root", "give checkpoint.init_from or checkpoint.init_merge.root, not both")
-        if im.method not in ("sma", "ema", "wma"):
-            _fail("checkpoint.init_merge.method", f"'{im.method}' is not one of sma, ema, wma")
+        _check_method("checkpoint.init_merge.", im.method, im.alpha, im.decay_shape)
     if s.warmup_iters < 0:
         _fail("schedule.warmup_iters", f"must be >= 0, got {s.warmup_iters}")
     if s.name != "constant" and s.warmup_iters >= t.iters:
@@ -443,9 +456,10 @@ class MergeConfig:
     v_tokens: Optional[int] = None
     v_iterations: Optional[int] = None
     end_iteration: Optional[int] = None
-    # sma | ema | wma | explicit
+    # sma | ema (alpha) | wma | decay (decay_shape: linear | cosine | 1-sqrt; WSM) | explicit (weights)
     method: str = "sma"
     alpha: float = 0.2
+    decay_shape: str = "linear"
     # For method=explicit, one per input, oldest first.
     weights: list[float] = field(default_factory=list)
     normalize: bool = True
@@ -469,10 +483,7 @@ def validate_merge(cfg: MergeConfig) -> None:
     """Static checks of a merge request (the inputs themselves are checked by the engine)."""
     if bool(cfg.inputs) == bool(cfg.root):
         _fail("inputs", "give either inputs=[dir,...] or root=<checkpoint root>, not both / neither")
-    if cfg.method not in ("sma", "ema", "wma", "explicit"):
-        _fail("method", f"'{cfg.method}' is not one of sma, ema, wma, explicit")
-    if cfg.method == "ema" and not 0.0 < cfg.alpha <= 1.0:
-        _fail("alpha", f"must be in (0, 1], got {cfg.alpha}")
+    _check_method("", cfg.method, cfg.alpha, cfg.decay_shape, METHODS + ("explicit",))
     if cfg.method == "explicit" and not cfg.weights:
         _fail("weights", "method=explicit needs weights=[...]")
     if cfg.weights and cfg.method != "explicit":

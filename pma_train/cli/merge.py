@@ -27,7 +27,8 @@ def selection(cfg: MergeConfig):
         inputs = resolve_inputs(cfg.inputs)
     else:
         inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration)
-    weights = merge_weights(cfg.method, len(inputs), cfg.alpha, cfg.weights, cfg.normalize, cfg.allow_negative_weights)
+    weights = merge_weights(cfg.method, len(inputs), cfg.alpha, cfg.weights, cfg.normalize,
+                            cfg.allow_negative_weights, cfg.decay_shape)
     return inputs, weights
 
 
@@ -64,6 +65,7 @@ def _run(node: DictConfig) -> None:
         torch.set_num_threads(1)  # memory-bound: extra threads only contend (measured 4x slower with 2)
     request = MergeRequest(inputs=inputs, weights=weights, output_root=Path(cfg.output), method=cfg.method,
                            alpha=cfg.alpha if cfg.method == "ema" else None,
+                           decay_shape=cfg.decay_shape if cfg.method == "decay" else None,
                            budget_bytes=cfg.memory_budget_mb * 2**20, accumulate=cfg.accumulate_dtype,
                            output_dtype=cfg.output_dtype, carry_optimizer=cfg.carry_optimizer,
                            overwrite=cfg.overwrite, progress=cfg.progress_bar and sys.stderr.isatty())

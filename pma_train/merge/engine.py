@@ -52,6 +52,7 @@ class MergeRequest:
     output_root: Path
     method: str = "explicit"
     alpha: float | None = None
+    decay_shape: str | None = None
     budget_bytes: int = 256 * 2**20
     accumulate: str = "fp32"
     output_dtype: str = "input"
@@ -339,6 +340,7 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
             shutil.copy2(newest.path / name, tmp / name)
     provenance = {
         "tool": "pma-merge", "version": _version(), "method": request.method, "alpha": request.alpha,
+        "decay_shape": request.decay_shape,
         "inputs": [{"path": str(i.path), "iteration": i.iteration, "consumed_tokens": i.consumed_tokens, "weight": w}
                    for i, w in zip(request.inputs, request.weights)],
         "accumulate_dtype": request.accumulate, "output_dtype": request.output_dtype,

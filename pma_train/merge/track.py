@@ -16,9 +16,10 @@ from pma_train.merge.weights import merge_weights
 
 
 class MergeTracker:
-    def __init__(self, model_chunks: list[torch.nn.Module], n: int, method: str, alpha: float):
+    def __init__(self, model_chunks: list[torch.nn.Module], n: int, method: str, alpha: float,
+                 decay_shape: str = "linear"):
         self.params = [p for chunk in model_chunks for p in chunk.parameters()]
-        self.n, self.method, self.alpha = n, method, alpha
+        self.n, self.method, self.alpha, self.decay_shape = n, method, alpha, decay_shape
         self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=n)
 
     @torch.no_grad()
@@ -35,7 +36,7 @@ class MergeTracker:
         return [it for it, _ in self.snapshots]
 
     def weights(self) -> list[float]:
-        return merge_weights(self.method, len(self.snapshots), self.alpha)
+        return merge_weights(self.method, len(self.snapshots), self.alpha, decay_shape=self.decay_shape)
 
     @torch.no_grad()
     def merged(self) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Merge weights for N checkpoints, oldest first (PMA.md): SMA, EMA, WMA, or explicit."""
+"""Merge weights for N checkpoints, oldest first (PMA.md): SMA, EMA, WMA, decay-emulating, or explicit."""
 
 from __future__ import annotations
 
@@ -26,6 +26,30 @@ def wma(n: int) -> list[float]:
     return [i / total for i in range(1, n + 1)]
 
 
+# Learning-rate shapes on [0, 1]: 1 at the start of a decay, 0 at its end (the schedule's shapes).
+DECAY_SHAPES = {
+    "linear": lambda u: 1.0 - u,
+    "cosine": lambda u: 0.5 * (1.0 + math.cos(math.pi * u)),
+    "1-sqrt": lambda u: 1.0 - math.sqrt(u),
+}
+
+
+def decay(n: int, shape: str) -> list[float]:
+    """Weights whose average equals annealing the LR with `shape` over the merge window (WSM).
+
+    With a constant LR, checkpoint i is M_0 - lr * (sum of the updates before it), so
+    sum_i c_i M_i = M_0 - lr * sum_k w_k (updates of interval k), where interval k runs from
+    checkpoint k-1 to k and w_k = c_k + ... + c_{n-1}. Choosing w_k = shape(k / n) (the window's
+    LR falls from 1 towards 0, reaching 0 one spacing after the newest checkpoint) gives
+    c_i = shape(i / n) - shape((i + 1) / n). Linear decay is exactly SMA; cosine and 1-sqrt
+    weigh older checkpoints more, as their LR drops earlier.
+    """
+    if shape not in DECAY_SHAPES:
+        raise WeightError(f"unknown decay_shape '{shape}' (one of {', '.join(DECAY_SHAPES)})")
+    f = DECAY_SHAPES[shape]
+    return [f(i / n) - f((i + 1) / n) for i in range(n)]
+
+
 def check(weights: list[float], normalize: bool = True, allow_negative: bool = False) -> list[float]:
     """Validated (and, unless told otherwise, normalised) weights."""
     if not weights:
@@ -45,13 +69,15 @@ def check(weights: list[float], normalize: bool = True, allow_negative: bool = F
 
 
 def merge_weights(method: str, n: int, alpha: float = 0.2, explicit: list[float] | None = None,
-                  normalize: bool = True, allow_negative: bool = False) -> list[float]:
+                  normalize: bool = True, allow_negative: bool = False, decay_shape: str = "linear") -> list[float]:
     if method == "sma":
         return sma(n)
     if method == "ema":
         return check(ema(n, alpha))
     if method == "wma":
         return wma(n)
+    if method == "decay":
+        return decay(n, decay_shape)
     if method == "explicit":
         explicit = list(explicit or [])
         if len(explicit) != n:

@@ -109,7 +109,7 @@ class Trainer:
 
         m = self.cfg.checkpoint.init_merge
         chosen = select_spaced(m.root, m.n, m.v_tokens, m.v_iterations, m.end_iteration)
-        weights = merge_weights(m.method, len(chosen), m.alpha)
+        weights = merge_weights(m.method, len(chosen), m.alpha, decay_shape=m.decay_shape)
         average_into_model(self.model, [c.path for c in chosen], weights)
         self.log_lines.append(f"PMA-init: {m.method} of iterations {[c.iteration for c in chosen]} of {m.root}")
 
@@ -293,7 +293,7 @@ class Trainer:
             return None, None
         from pma_train.merge.track import MergeTracker
 
-        tracker, spacing = MergeTracker(self.model, tr.n, tr.method, tr.alpha), track_spacing_iters(self.cfg)
+        tracker, spacing = MergeTracker(self.model, tr.n, tr.method, tr.alpha, tr.decay_shape), track_spacing_iters(self.cfg)
         # A resumed run rebuilds its window from the grid checkpoints it already wrote.
         grid = [i for i in layout.list_iterations(self.ckpt_root) if i % spacing == 0 and i <= self.state.iteration]
         for iteration in grid[-tr.n:]:
