@@ -261,6 +261,17 @@ class JobConfig:
     seed: int = 1234
 
 
+@dataclass
+class EvalConfig(JobConfig):
+    """`pma-eval`: validation loss of checkpoints under a pma-train job config (model, data, parallel,
+    train.eval_iters / micro_batch_size / seq_length), the same numbers the trainer logs."""
+
+    # Checkpoint roots or iter_* dirs, any parallel layout.
+    checkpoints: list[str] = field(default_factory=list)
+    # Also write the results as JSON here.
+    output: Optional[str] = None
+
+
 def to_job_config(cfg: Any) -> JobConfig:
     """An OmegaConf node (or a JobConfig) as a plain JobConfig object with resolved values."""
     from omegaconf import OmegaConf

@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from pma_train.config import JobConfig, MergeConfig
+from pma_train.config import EvalConfig, JobConfig, MergeConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -25,6 +25,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="job_schema", node=JobConfig)
     store.store(name="merge_schema", node=MergeConfig)
+    store.store(name="eval_schema", node=EvalConfig)
     directory = model_configs_dir()
     for path in sorted(directory.glob("*.yaml")):
         store.store(group="model", name=path.stem, node=OmegaConf.load(path))
