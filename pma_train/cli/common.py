@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from pma_train.config import EvalConfig, JobConfig, MergeConfig
+from pma_train.repro.config import ReproConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -26,6 +27,7 @@ def register_configs() -> None:
     store.store(name="job_schema", node=JobConfig)
     store.store(name="merge_schema", node=MergeConfig)
     store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="repro_schema", node=ReproConfig)
     directory = model_configs_dir()
     for path in sorted(directory.glob("*.yaml")):
         store.store(group="model", name=path.stem, node=OmegaConf.load(path))
