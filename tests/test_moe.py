@@ -13,7 +13,21 @@ from tests.test_merge import assert_merged, merge_cli
 STEPS = 10
 MOE = ["model=tiny_moe", f"train.iters={STEPS}", "train.log_interval=1", "train.eval_interval=5", "train.eval_iters=2",
        "train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_length=64", "schedule.warmup_iters=2",
-       "checkpoint.interval=2", "seed=11"]
+       "checkpoint.interval=2", "seed=11", "model.moe_z_loss_coeff=1e-3"]
+
+
+def assert_same_router_metrics(a, b):
+    """Aux / z-loss and per-layer expert load are logged for the whole model, whatever the layout."""
+    ra, rb = a.records("train"), b.records("train")
+    assert len(ra) == len(rb) == STEPS
+    for x, y in zip(ra, rb):
+        for key in ("moe_load_balancing_loss", "moe_z_loss"):
+            assert abs(x[key] - y[key]) < 1e-3 * abs(x[key]), (key, x[key], y[key])
+        assert sorted(x["moe_expert_load"]) == sorted(y["moe_expert_load"]) == ["2", "4"]  # "*E*E": layers 2, 4
+        for layer, fractions in x["moe_expert_load"].items():
+            assert sum(fractions) == pytest.approx(1.0, abs=1e-4)
+            assert fractions == pytest.approx(y["moe_expert_load"][layer], abs=0.01)
+    assert ra[0]["moe_load_balancing_loss"] > 0.9  # ~1 when balanced, the aux loss's minimum
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +46,7 @@ def test_ep2_matches_ep1(ep1, ep2):
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     assert max(abs(a[k] - b[k]) for k in a) < 2e-4, (a, b)
     assert a[STEPS] < a[1] - 1.0
+    assert_same_router_metrics(ep1, ep2)
 
 
 def test_ep2_checkpoint_evaluates_the_same_at_ep1_and_back(ep1, ep2, tmp_path):
@@ -62,3 +77,4 @@ def test_ep_with_tp_or_pp_trains_like_ep1(ep1, tmp_path, layout_args):
     assert sorted(b) == list(range(1, STEPS + 1))
     assert max(abs(a[k] - b[k]) for k in a) < 2e-4, (a, b)
     assert b[STEPS] < b[1] - 1.0
+    assert_same_router_metrics(ep1, run)

@@ -23,6 +23,7 @@ from pma_train.metrics import MetricsLogger
 from pma_train.model import build_model
 from pma_train.parallel import init_distributed
 from pma_train.schedule import build_annealing_scheduler, build_scheduler, scheduler_increment
+from pma_train.train.moe_metrics import MoEMetrics
 from pma_train.train.optim import build_optimizer, wrap_ddp
 from pma_train.train.spike import RecoveryBudget, SpikeDetector
 from pma_train.train.step import DataTimer, make_forward_step, reduce_lm_loss
@@ -78,6 +79,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.detector = SpikeDetector(cfg.spike) if cfg.spike.enabled else None
         self.recovery_budget = RecoveryBudget(cfg.spike)
+        self.moe_metrics = MoEMetrics(self.model, self.model_config, cfg.model.pattern(),
+                                      cfg.parallel.sequence_parallel) if cfg.model.num_experts else None
         self._spike_steps_left: int | None = None
 
     # ------------------------------------------------------------------ setup helpers
@@ -173,8 +176,11 @@ class Trainer:
                                   "tokens_per_s": self.tokens_per_iter * window.steps / window.seconds,
                                   "step_s": window.seconds / window.steps,
                                   "consumed_tokens": self.state.consumed_tokens,
-                                  "skipped_steps": window.skipped, **window.breakdown()},
-                             console=("loss", "lr", "grad_norm", "tokens_per_s", "step_s"))
+                                  "skipped_steps": window.skipped, **window.breakdown(),
+                                  **(self.moe_metrics.report(window.steps, self.num_microbatches)
+                                     if self.moe_metrics else {})},
+                             console=("loss", "lr", "grad_norm", "tokens_per_s", "step_s", "moe_load_balancing_loss",
+                                      "moe_z_loss", "moe_load_imbalance"))
                 window = _Window()
             if it % cfg.checkpoint.interval == 0 or (it == t.iters and cfg.checkpoint.save_at_end):
                 self.save()
