@@ -154,7 +154,7 @@ class _Chunk:
 # ----------------------------------------------------------------------------- counting
 
 
-def _tally(named_params, tp: int, ep: int, etp: int, tied: bool) -> Tally:
+def tally(named_params, tp: int, ep: int, etp: int, tied: bool) -> Tally:
     t = Tally()
     for name, param in named_params:
         n = param.numel()
@@ -195,17 +195,17 @@ def _tally_chunk(module, tp: int, ep: int, etp: int, tied: bool) -> tuple[Tally,
     types = module.decoder.layer_type_list
     per_layer: dict[str, Tally] = {}
     for index, named in sorted(by_layer.items()):
-        per_layer.setdefault(types[index], _tally(named, tp, ep, etp, tied))
+        per_layer.setdefault(types[index], tally(named, tp, ep, etp, tied))
     for symbol in types:  # a kind without parameters still counts (as zero)
         per_layer.setdefault(symbol, Tally())
     head = [(name, param) for name, param in stage if name.startswith("embedding.")]
     tail = [(name, param) for name, param in stage if not name.startswith("embedding.")]
-    return _tally(head, tp, ep, etp, tied), _tally(tail, tp, ep, etp, tied), per_layer
+    return tally(head, tp, ep, etp, tied), tally(tail, tp, ep, etp, tied), per_layer
 
 
 def _tally_layers(module, tp: int, ep: int, etp: int, tied: bool) -> list[Tally]:
     _, by_layer = _split_layers(module)
-    return [_tally(named, tp, ep, etp, tied) for _, named in sorted(by_layer.items())]
+    return [tally(named, tp, ep, etp, tied) for _, named in sorted(by_layer.items())]
 
 
 def _padded_vocab(module) -> int:

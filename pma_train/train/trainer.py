@@ -23,6 +23,7 @@ from pma_train.metrics import MetricsLogger
 from pma_train.model import build_model
 from pma_train.parallel import init_distributed
 from pma_train.schedule import build_annealing_scheduler, build_scheduler, scheduler_increment
+from pma_train.train.flops import flops_per_token, peak_flops_per_gpu
 from pma_train.train.moe_metrics import MoEMetrics
 from pma_train.train.optim import build_optimizer, wrap_ddp
 from pma_train.train.spike import RecoveryBudget, SpikeDetector
@@ -79,6 +80,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.detector = SpikeDetector(cfg.spike) if cfg.spike.enabled else None
         self.recovery_budget = RecoveryBudget(cfg.spike)
+        self.flops_per_token = flops_per_token(self.model, cfg)
+        self.peak_flops = peak_flops_per_gpu(self.platform.device, self.model_config.bf16 or self.model_config.fp16)
         self.moe_metrics = MoEMetrics(self.model, self.model_config, cfg.model.pattern(),
                                       cfg.parallel.sequence_parallel) if cfg.model.num_experts else None
         self._spike_steps_left: int | None = None
@@ -176,10 +179,10 @@ class Trainer:
                                   "tokens_per_s": self.tokens_per_iter * window.steps / window.seconds,
                                   "step_s": window.seconds / window.steps,
                                   "consumed_tokens": self.state.consumed_tokens,
-                                  "skipped_steps": window.skipped, **window.breakdown(),
+                                  "skipped_steps": window.skipped, **self._flops(window), **window.breakdown(),
                                   **(self.moe_metrics.report(window.steps, self.num_microbatches)
                                      if self.moe_metrics else {})},
-                             console=("loss", "lr", "grad_norm", "tokens_per_s", "step_s", "moe_load_balancing_loss",
+                             console=("loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mfu", "moe_load_balancing_loss",
                                       "moe_z_loss", "moe_load_imbalance"))
                 window = _Window()
             if it % cfg.checkpoint.interval == 0 or (it == t.iters and cfg.checkpoint.save_at_end):
@@ -339,6 +342,14 @@ class Trainer:
             self.log.log(self.state.iteration, {"deleted_iterations": deleted}, kind="retention")
 
     # ------------------------------------------------------------------ small things
+
+    def _flops(self, window: "_Window") -> dict[str, float]:
+        """Model TFLOP/s per rank, and MFU where the GPU's peak is known."""
+        per_rank = self.flops_per_token * self.tokens_per_iter * window.steps / window.seconds / dist.get_world_size()
+        out = {"tflops_per_rank": per_rank / 1e12}
+        if self.peak_flops:
+            out["mfu"] = per_rank / self.peak_flops
+        return out
 
     def _sync(self) -> None:
         if self.platform.is_cuda:
