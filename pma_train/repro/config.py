@@ -21,8 +21,9 @@ class ReproConfig:
     model: str = "tiny"
     # pma-train overrides shared by every run and by the evaluator (batch, sequence, data, parallel ...).
     overrides: list[str] = field(default_factory=lambda: list(_CPU_RUN))
-    # How a job starts: {python}, {nproc}, {port}, {module} are filled in; at scale e.g.
-    # "srun --ntasks-per-node=1 torchrun --nproc-per-node=8 ... -m {module}".
+    # How a job starts (a bash command line; the job's arguments follow): {python}, {nproc}, {port} and
+    # {module} are filled in. In a Slurm allocation e.g. "srun --ntasks-per-node=1 torchrun
+    # --nnodes=$SLURM_NNODES --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:29500 -m {module}".
     launcher: str = "{python} -m torch.distributed.run --nproc-per-node={nproc} --master-port={port} -m {module}"
     nproc: int = 1
     # Main run: constant LR `lr` for `iters` iterations, a checkpoint every `grid_iters`.

@@ -44,8 +44,10 @@ class Experiment:
     # ------------------------------------------------------------------ launching
 
     def launch(self, module: str, args: list[str], log: Path) -> None:
-        cmd = shlex.split(self.cfg.launcher.format(python=sys.executable, nproc=self.cfg.nproc, port=_free_port(),
-                                                   module=module)) + args
+        # Through bash, so a cluster launcher may use the allocation's variables ($SLURM_NNODES, ...).
+        launcher = self.cfg.launcher.format(python=shlex.quote(sys.executable), nproc=self.cfg.nproc,
+                                            port=_free_port(), module=module)
+        cmd = ["bash", "-c", launcher + " " + " ".join(shlex.quote(a) for a in args)]
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
         with open(log, "w") as f:
