@@ -26,6 +26,9 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="job_schema", node=JobConfig)
     store.store(name="merge_schema", node=MergeConfig)
+    from pma_train.cli.data import DataPrepConfig  # here: pma_train.cli.data imports this module
+
+    store.store(name="data_schema", node=DataPrepConfig)
     store.store(name="eval_schema", node=EvalConfig)
     store.store(name="repro_schema", node=ReproConfig)
     directory = model_configs_dir()
