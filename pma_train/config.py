@@ -272,6 +272,29 @@ class EvalConfig(JobConfig):
     output: Optional[str] = None
 
 
+@dataclass
+class DataPrepConfig:
+    """`pma-data`: tokenize documents into <output_prefix>.bin/.idx (megatron-core indexed dataset)."""
+
+    # Input files, read in this order, streamed: .jsonl / .jsonl.gz (one JSON object per line, the
+    # text under `json_key`) or .txt / .txt.gz (documents separated by blank lines).
+    inputs: list[str] = field(default_factory=list)
+    json_key: str = "text"
+    # Writes <output_prefix>.bin and <output_prefix>.idx; give pma-train data.paths=[<output_prefix>].
+    output_prefix: Optional[str] = None
+    # Replace an existing <output_prefix>.bin/.idx.
+    overwrite: bool = False
+    # type=byte (UTF-8 bytes, no file) | huggingface with path=<local tokenizer.json>; the same
+    # settings as pma-train's data.tokenizer, which must match when training on the output.
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Tokenizing processes; null = the CPUs this process may use. The output is byte-identical for any number.
+    workers: Optional[int] = None
+    # Documents per batch handed to a worker (a batch also ends at 1 MiB of text).
+    batch_size: int = 256
+    # A tqdm bar (documents, tokens/s) on stderr when it is a terminal.
+    progress_bar: bool = True
+
+
 def to_job_config(cfg: Any) -> JobConfig:
     """An OmegaConf node (or a JobConfig) as a plain JobConfig object with resolved values."""
     from omegaconf import OmegaConf

@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from pma_train.config import EvalConfig, JobConfig, MergeConfig
+from pma_train.config import DataPrepConfig, EvalConfig, JobConfig, MergeConfig
 from pma_train.repro.config import ReproConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -26,8 +26,6 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="job_schema", node=JobConfig)
     store.store(name="merge_schema", node=MergeConfig)
-    from pma_train.cli.data import DataPrepConfig  # here: pma_train.cli.data imports this module
-
     store.store(name="data_schema", node=DataPrepConfig)
     store.store(name="eval_schema", node=EvalConfig)
     store.store(name="repro_schema", node=ReproConfig)

@@ -14,42 +14,17 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pma_train.cli.common import CONF_DIR, register_configs
-from pma_train.config import TokenizerConfig
+from pma_train.config import DataPrepConfig
 
 # Must match pma_train.data.prepare (not imported here: it pulls in torch, and --help and the
 # checks should answer at once).
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".txt", ".txt.gz")
-
-
-@dataclass
-class DataPrepConfig:
-    """`pma-data`: tokenize documents into <output_prefix>.bin/.idx (megatron-core indexed dataset)."""
-
-    # Input files, read in this order, streamed: .jsonl / .jsonl.gz (one JSON object per line, the
-    # text under `json_key`) or .txt / .txt.gz (documents separated by blank lines).
-    inputs: list[str] = field(default_factory=list)
-    json_key: str = "text"
-    # Writes <output_prefix>.bin and <output_prefix>.idx; give pma-train data.paths=[<output_prefix>].
-    output_prefix: Optional[str] = None
-    # Replace an existing <output_prefix>.bin/.idx.
-    overwrite: bool = False
-    # type=byte (UTF-8 bytes, no file) | huggingface with path=<local tokenizer.json>; the same
-    # settings as pma-train's data.tokenizer, which must match when training on the output.
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    # Tokenizing processes; null = the CPUs this process may use. The output is byte-identical for any number.
-    workers: Optional[int] = None
-    # Documents per batch handed to a worker (a batch also ends at 1 MiB of text).
-    batch_size: int = 256
-    # A tqdm bar (documents, tokens/s) on stderr when it is a terminal.
-    progress_bar: bool = True
 
 
 class DataPrepError(ValueError):
