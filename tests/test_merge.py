@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from pma_train.checkpoint import layout
 from pma_train.merge import ema, sma, wma
-from tests.launch import REPO, free_port, run_module, test_env, train
+from tests.launch import REPO, run_module, test_env, train
 
 TRAIN = ["train.log_interval=1", "train.eval_interval=100", "train.eval_iters=2", "train.global_batch_size=8",
          "train.micro_batch_size=2", "train.seq_length=64", "schedule.warmup_iters=1", "checkpoint.interval=2",
