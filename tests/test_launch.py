@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pma_train.platform import first_slurm_host, torch_env_from_slurm
+from pma_train.slurm_env import first_slurm_host, torch_env_from_slurm
 from tests.launch import REPO, free_port, test_env
 
 VENV_BIN = str(Path(sys.executable).parent)

@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from pma_train.config import DataPrepConfig, EvalConfig, JobConfig, MergeConfig
 from pma_train.repro.config import ReproConfig
+from pma_train.slurm_env import torch_env_from_slurm
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -32,3 +34,11 @@ def register_configs() -> None:
     directory = model_configs_dir()
     for path in sorted(directory.glob("*.yaml")):
         store.store(group="model", name=path.stem, node=OmegaConf.load(path))
+
+
+class SlurmEnv(Callback):
+    """Hydra callback (conf/train.yaml, conf/merge.yaml): torch_env_from_slurm() in the job's process,
+    before its config is validated (validation reads WORLD_SIZE)."""
+
+    def on_job_start(self, config, **kwargs) -> None:
+        torch_env_from_slurm()
