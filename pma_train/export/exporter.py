@@ -148,7 +148,7 @@ def export(plan: ExportPlan) -> ExportSummary:
     """Write the plan on every rank of the default process group (or alone) and publish it."""
     import torch.distributed as dist
 
-    from pma_train.export.shards import PeakRss
+    from pma_train.rss import PeakRss
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)

@@ -13,13 +13,11 @@ import json
 import math
 import pickle
 import shutil
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 
@@ -35,6 +33,7 @@ from pma_train.merge.dcp_io import (
 )
 from pma_train.merge.plan import Piece, PlanError, assign, check_compatible, plan_pieces
 from pma_train.merge.select import CheckpointInfo
+from pma_train.rss import PeakRss
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVENANCE = "pma_merge.json"
@@ -74,29 +73,6 @@ class MergeSummary:
     ranks: int
     pieces: int
     per_rank: list[dict] = field(default_factory=list)
-
-
-class _PeakRss:
-    """Samples this process's RSS in a thread: the peak while merging, not since start-up."""
-
-    def __init__(self, interval: float = 0.005):
-        self.process, self.interval = psutil.Process(), interval
-        self.start = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> "_PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 def _intersect(a_off, a_size, b_off, b_size):
@@ -222,7 +198,7 @@ def run_merge(request: MergeRequest) -> MergeSummary:
     error = None
     start = time.perf_counter()
     try:
-        with _PeakRss() as rss:
+        with PeakRss() as rss:
             for piece in mine:
                 writer.write_tensor(piece.key, piece.offsets, _merge_piece(reader, indexes, request, piece, accumulate,
                                                                            out_dtype[piece.key], progress))
