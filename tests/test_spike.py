@@ -20,14 +20,19 @@ def clean(tmp_path_factory):
 
 def test_spike_is_detected_and_recovered(clean, tmp_path):
     broken = train(tmp_path / "broken", RUN + SPIKE, nproc=1)
-    recovered = train(tmp_path / "recovered", RUN + SPIKE + ["spike.enabled=true"], nproc=2)
+    # guard_iters=6: the checkpoint at 30 is not trusted and is set aside; the merge of 15, 20, 25 restored.
+    recovered = train(tmp_path / "recovered", RUN + SPIKE + ["spike.enabled=true", "spike.guard_iters=6"], nproc=2)
     base, bad, good = (r.val_losses()[60] for r in (clean, broken, recovered))
     assert bad > 2 * base, (base, bad)  # without recovery the run is ruined (the test can fail)
     assert abs(good - base) < 0.05 * base, (base, good)  # with it, back on the spike-free trajectory
     events = recovered.records("recovery")
     assert events and all("sigma above the recent median" in e["cause"] for e in events)
-    assert events[0]["restored_iteration"] == 30 and events[0]["merged_iterations"] == [20, 25, 30]
+    assert events[0]["restored_iteration"] == 25 and events[0]["merged_iterations"] == [15, 20, 25]
     assert events[0]["skipped_samples"] > 0
+    assert events[0]["set_aside_iterations"] == [30]
+    spiked = recovered.run_dir / "checkpoints" / f"spiked-at-{events[0]['step']}" / "iter_0000030"
+    assert spiked.is_dir()  # kept, out of resume's way; the run itself saved a fresh iteration 30 later
+    assert (recovered.run_dir / "checkpoints" / "iter_0000030").is_dir()
 
 
 def test_a_run_that_keeps_spiking_stops_with_a_clear_message(tmp_path):

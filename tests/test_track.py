@@ -1,5 +1,5 @@
-"""The merge tracked during a constant-LR run beats the live model and equals the offline merge;
-retention keeps exactly the checkpoints that merge needs."""
+"""The merge tracked during a constant-LR run equals the offline merge; retention keeps exactly the
+checkpoints that merge needs. (That the merge beats the live model is asserted by test_repro.py.)"""
 
 from __future__ import annotations
 
@@ -11,22 +11,21 @@ from pma_train.checkpoint import layout
 from tests.launch import train
 from tests.test_merge import full_tensors, merge_cli
 
-RUN = ["train.iters=400", "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_length=64",
-       "train.lr=3e-3", "schedule.warmup_iters=20", "checkpoint.interval=10", "train.eval_interval=200",
+RUN = ["train.iters=120", "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_length=64",
+       "train.lr=3e-3", "schedule.warmup_iters=20", "checkpoint.interval=10", "train.eval_interval=60",
        "train.eval_iters=8", "train.log_interval=100", "track.enabled=true", "track.n=8", "track.save=true", "seed=1",
        "checkpoint.retention.enabled=true", "checkpoint.retention.keep_last=2"]
 
 
-def test_tracked_merge_beats_live_and_equals_offline_merge(tmp_path):
+def test_tracked_merge_equals_offline_merge(tmp_path):
     run = train(tmp_path / "run", RUN, nproc=1)
     final = run.records("val")[-1]
-    assert final["step"] == 400
-    # PMA at tiny scale (PMA.md): the merge of the last checkpoints of a constant-LR run is better
-    assert final["loss_merged"] < final["loss"] - 0.01, final
-    assert final["merged_iterations"] == list(range(330, 401, 10))
+    assert final["step"] == 120
+    assert final["merged_iterations"] == list(range(50, 121, 10))
+    assert final["loss_merged"] != final["loss"]
 
     # retention kept exactly what the tracked merge needs (its grid) and the latest, nothing older
-    assert layout.list_iterations(tmp_path / "run" / "checkpoints") == list(range(330, 401, 10))
+    assert layout.list_iterations(tmp_path / "run" / "checkpoints") == list(range(50, 121, 10))
     assert run.records("retention")
 
     saved = layout.resolve_checkpoint(tmp_path / "run" / "merged")

@@ -60,6 +60,22 @@ def list_iterations(root: Path) -> list[int]:
     return sorted(i for i in found if i is not None)
 
 
+def set_aside(root: Path, after: int, into: str) -> list[int]:
+    """Move the checkpoints newer than `after` to a new folder root/into[-k]/ (kept, but out of
+    resume's way) and point the tracker at `after`; returns the iterations moved."""
+    moved = [i for i in list_iterations(root) if i > after]
+    if moved:
+        target, k = Path(root) / into, 1
+        while target.exists():
+            k += 1
+            target = Path(root) / f"{into}-{k}"
+        target.mkdir()
+        for i in moved:
+            os.replace(Path(root) / iter_dir_name(i), target / iter_dir_name(i))
+        write_tracker(root, after)
+    return moved
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     path = Path(path)
     return (path / ".metadata").is_file() or (path / "metadata.json").is_file()

@@ -291,9 +291,13 @@ class Trainer:
         if self.tracker is not None:
             while self.tracker.snapshots and self.tracker.snapshots[-1][0] > self.state.iteration:
                 self.tracker.snapshots.pop()
+        # Checkpoints saved after the restored point may hold the spike: a job that died before
+        # re-saving them would resume from one. Move them aside (not deleted).
+        set_aside = layout.set_aside(self.ckpt_root, self.state.iteration, f"spiked-at-{iteration}") if self.rank0 else []
+        dist.barrier()
         self.log.log(iteration, {"cause": cause, "restored_iteration": self.state.iteration, "merged_iterations": good,
                                  "optimizer_from": good[-1] if sp.restore_optimizer else None,
-                                 "skipped_samples": skipped},
+                                 "skipped_samples": skipped, "set_aside_iterations": set_aside},
                      kind="recovery")
 
     def _build_tracker(self):
