@@ -27,15 +27,15 @@ class ReproConfig:
     launcher: str = "{python} -m torch.distributed.run --nproc-per-node={nproc} --master-port={port} -m {module}"
     nproc: int = 1
     # Main run: constant LR `lr` for `iters` iterations, a checkpoint every `grid_iters`.
-    iters: int = 1000
+    iters: int = 3000
     lr: float = 3e-3
     grid_iters: int = 10
-    eval_interval: int = 50
+    eval_interval: int = 100
     # Second constant-LR run at a lower LR (null: skip); merged at the late point only.
     low_lr: Optional[float] = 1e-3
     # Comparison points (iterations of the main run), early first; each gets an annealing branch that
     # forks `anneal_iters` before the point and decays the LR to 0 (`anneal_shape`) by the point.
-    points: list[int] = field(default_factory=lambda: [400, 900])
+    points: list[int] = field(default_factory=lambda: [600, 2800])
     anneal_iters: int = 100
     anneal_shape: str = "1-sqrt"
     # Merge grid at every point: methods x N x V (V in tokens; a multiple of grid_iters' tokens).
@@ -52,7 +52,7 @@ class ReproConfig:
     pma_init_eval_interval: int = 10
     # Spike example: a branch of the main run gets an LR x spike_lr_mult burst at iteration spike_at;
     # with and without recovery (merge of the checkpoints before it), and a spike-free twin.
-    spike_at: Optional[int] = 600
+    spike_at: Optional[int] = 1500
     spike_before: int = 50
     spike_after: int = 100
     spike_lr_mult: float = 1000.0

@@ -87,6 +87,8 @@ def plots(result: dict, out: Path) -> list[Path]:
             row[0].plot(c["ns"], [res.merged("main", p, "sma", n, v) for n in c["ns"]], "o-", label=f"V={v:,}")
         for n in c["ns"]:
             row[1].plot(c["v_tokens"], [res.merged("main", p, "sma", n, v) for v in c["v_tokens"]], "o-", label=f"N={n}")
+        row[0].set_xticks(c["ns"])
+        row[1].set_xticks(c["v_tokens"], [f"{v:,}" for v in c["v_tokens"]], fontsize=8)
         losses = [res.merged("main", p, s, c["headline_n"], c["headline_v_tokens"]) for s in c["methods"]]
         row[2].bar(range(len(losses)), [x if x is not None else 0 for x in losses], color="C2")
         row[2].set_xticks(range(len(losses)), c["methods"], rotation=30, fontsize=8)
