@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.launch import REPO, test_env
+from tests.launch import REPO, run_module, test_env
 from pma_train.config import ConfigError
 from pma_train.repro.config import ReproConfig, parse_method, validate_repro
 from pma_train.repro.findings import evaluate_findings
@@ -57,6 +57,21 @@ def test_report_is_made_of_the_json_alone(repro):
 def test_bad_experiment_config_is_refused():
     assert parse_method("ema:0.1") == {"method": "ema", "alpha": 0.1}
     for bad in (dict(methods=["ema"]), dict(points=[900, 400]), dict(points=[405]), dict(stages=["nope"]),
-                dict(spike_at=2000), dict(launcher="torchrun")):
+                dict(spike_at=4000), dict(launcher="torchrun")):
         with pytest.raises(ConfigError):
             validate_repro(ReproConfig(**bad))
+
+
+def test_pma_eval_gives_the_logged_loss_under_another_layout(repro, tmp_path):
+    """pma-eval of the main run's iteration-200 checkpoint at TP=2: the loss the (TP=1) run logged."""
+    result = json.loads((repro / "results.json").read_text())
+    logged = {r["iteration"]: r["live"] for r in result["curves"]["main"]}
+    out = tmp_path / "eval.json"
+    proc = run_module(["pma_train.cli.eval", "parallel.tp=2", *ReproConfig().overrides, f"run.dir={tmp_path / 'eval'}",
+                       f"checkpoints=[{repro / 'runs' / 'main' / 'checkpoints' / 'iter_0000200'}]", f"output={out}"],
+                      nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["iteration"] == 200 and row["val_loss"] == pytest.approx(logged[200], abs=1e-5)
+    missing = run_module(["pma_train.cli.eval", f"checkpoints=[{tmp_path / 'nope'}]"], nproc=None)
+    assert missing.returncode == 2 and "nope does not exist" in missing.stderr
