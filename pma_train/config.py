@@ -209,8 +209,10 @@ class TrackConfig:
     method: str = "sma"
     alpha: float = 0.2
     decay_shape: str = "linear"
-    # Also save the merged weights (model only) under <run.dir>/merged at every eval.
+    # Also save the merged weights (model only) under <run.dir>/merged at every eval, keeping the
+    # newest `save_keep_last` of them (null: all).
     save: bool = False
+    save_keep_last: Optional[int] = 1
 
 
 @dataclass
@@ -422,6 +424,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         if tr.n < 1:
             _fail("track.n", f"must be >= 1, got {tr.n}")
         _check_method("track.", tr.method, tr.alpha, tr.decay_shape)
+        if tr.save_keep_last is not None and tr.save_keep_last < 1:
+            _fail("track.save_keep_last", f"must be >= 1 (or null: keep all), got {tr.save_keep_last}")
         spacing = track_spacing_iters(cfg)
         if spacing % cfg.checkpoint.interval:
             _fail("track.v_iterations" if tr.v_tokens is None else "track.v_tokens",

@@ -12,7 +12,7 @@ from tests.launch import train
 from tests.test_merge import full_tensors, merge_cli
 
 RUN = ["train.iters=120", "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_length=64",
-       "train.lr=3e-3", "schedule.warmup_iters=20", "checkpoint.interval=10", "train.eval_interval=60",
+       "train.lr=3e-3", "schedule.warmup_iters=20", "checkpoint.interval=10", "train.eval_interval=40",
        "train.eval_iters=8", "train.log_interval=100", "track.enabled=true", "track.n=8", "track.save=true", "seed=1",
        "checkpoint.retention.enabled=true", "checkpoint.retention.keep_last=2"]
 
@@ -28,6 +28,8 @@ def test_tracked_merge_equals_offline_merge(tmp_path):
     assert layout.list_iterations(tmp_path / "run" / "checkpoints") == list(range(50, 121, 10))
     assert run.records("retention")
 
+    # the tracked merge was saved at iterations 80 and 120; track.save_keep_last=1 kept the newest
+    assert layout.list_iterations(tmp_path / "run" / "merged") == [120]
     saved = layout.resolve_checkpoint(tmp_path / "run" / "merged")
     meta = json.loads((saved / "pma_train.json").read_text())["pma_track"]
     assert meta["iterations"] == final["merged_iterations"]

@@ -326,6 +326,9 @@ class Trainer:
                                 sidecar={"pma_track": {"iterations": self.tracker.iterations,
                                                        "weights": self.tracker.weights(),
                                                        "method": self.cfg.track.method}})
+                keep = self.cfg.track.save_keep_last
+                if keep is not None and self.rank0:
+                    prune(self.run_dir / "merged", keep, None, None)
         return {"loss_merged": loss, "merged_iterations": self.tracker.iterations}
 
     def save(self) -> Path:
