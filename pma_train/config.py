@@ -115,7 +115,17 @@ class ScheduleConfig:
 
 
 @dataclass
-class InitMergeConfig:
+class MergeWeighting:
+    """How the merged checkpoints are weighted (pma_train/merge/weights.py): sma | ema (alpha) | wma |
+    decay (decay_shape: linear | cosine | 1-sqrt; weights equivalent to annealing the LR, WSM)."""
+
+    method: str = "sma"
+    alpha: float = 0.2
+    decay_shape: str = "linear"
+
+
+@dataclass
+class InitMergeConfig(MergeWeighting):
     """PMA-init: start from the average of a run's last n checkpoints (fresh optimizer, iteration 0)."""
 
     root: Optional[str] = None
@@ -123,9 +133,6 @@ class InitMergeConfig:
     v_tokens: Optional[int] = None
     v_iterations: Optional[int] = None
     end_iteration: Optional[int] = None
-    method: str = "sma"
-    alpha: float = 0.2
-    decay_shape: str = "linear"
 
 
 @dataclass
@@ -197,7 +204,7 @@ class LoggingConfig:
 
 
 @dataclass
-class TrackConfig:
+class TrackConfig(MergeWeighting):
     """Track the PMA merge of the run's last n grid checkpoints and evaluate it next to the live model."""
 
     enabled: bool = False
@@ -206,9 +213,6 @@ class TrackConfig:
     # checkpoint.interval, since snapshots are taken when checkpoints are.
     v_iterations: Optional[int] = None
     v_tokens: Optional[int] = None
-    method: str = "sma"
-    alpha: float = 0.2
-    decay_shape: str = "linear"
     # Also save the merged weights (model only) under <run.dir>/merged at every eval, keeping the
     # newest `save_keep_last` of them (null: all).
     save: bool = False
@@ -336,13 +340,13 @@ METHODS = ("sma", "ema", "wma", "decay")
 MERGE_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
-def _check_method(prefix: str, method: str, alpha: float, decay_shape: str, allowed=METHODS) -> None:
-    if method not in allowed:
-        _fail(prefix + "method", f"'{method}' is not one of {', '.join(allowed)}")
-    if method == "ema" and not 0.0 < alpha <= 1.0:
-        _fail(prefix + "alpha", f"must be in (0, 1], got {alpha}")
-    if method == "decay" and decay_shape not in MERGE_DECAY_SHAPES:
-        _fail(prefix + "decay_shape", f"'{decay_shape}' is not one of {', '.join(MERGE_DECAY_SHAPES)}")
+def _check_method(prefix: str, w: MergeWeighting, allowed=METHODS) -> None:
+    if w.method not in allowed:
+        _fail(prefix + "method", f"'{w.method}' is not one of {', '.join(allowed)}")
+    if w.method == "ema" and not 0.0 < w.alpha <= 1.0:
+        _fail(prefix + "alpha", f"must be in (0, 1], got {w.alpha}")
+    if w.method == "decay" and w.decay_shape not in MERGE_DECAY_SHAPES:
+        _fail(prefix + "decay_shape", f"'{w.decay_shape}' is not one of {', '.join(MERGE_DECAY_SHAPES)}")
 
 
 def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
@@ -423,7 +427,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if tr.enabled:
         if tr.n < 1:
             _fail("track.n", f"must be >= 1, got {tr.n}")
-        _check_method("track.", tr.method, tr.alpha, tr.decay_shape)
+        _check_method("track.", tr)
         if tr.save_keep_last is not None and tr.save_keep_last < 1:
             _fail("track.save_keep_last", f"must be >= 1 (or null: keep all), got {tr.save_keep_last}")
         spacing = track_spacing_iters(cfg)
@@ -442,7 +446,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             _fail("checkpoint.init_merge.root", f"{im.root} is not a directory")
         if cfg.checkpoint.init_from is not None:
             _fail("checkpoint.init_merge.root", "give checkpoint.init_from or checkpoint.init_merge.root, not both")
-        _check_method("checkpoint.init_merge.", im.method, im.alpha, im.decay_shape)
+        _check_method("checkpoint.init_merge.", im)
     if s.warmup_iters < 0:
         _fail("schedule.warmup_iters", f"must be >= 0, got {s.warmup_iters}")
     if s.name != "constant" and s.warmup_iters >= t.iters:
@@ -482,7 +486,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
 
 
 @dataclass
-class MergeConfig:
+class MergeConfig(MergeWeighting):
     """`pma-merge`: average checkpoints (PMA). Inputs are explicit dirs, or a root plus a selection."""
 
     # Explicit checkpoint directories (iter_* dirs or roots, oldest first) ...
@@ -494,11 +498,7 @@ class MergeConfig:
     v_tokens: Optional[int] = None
     v_iterations: Optional[int] = None
     end_iteration: Optional[int] = None
-    # sma | ema (alpha) | wma | decay (decay_shape: linear | cosine | 1-sqrt; WSM) | explicit (weights)
-    method: str = "sma"
-    alpha: float = 0.2
-    decay_shape: str = "linear"
-    # For method=explicit, one per input, oldest first.
+    # method=explicit (besides MergeWeighting's): these weights, one per input, oldest first.
     weights: list[float] = field(default_factory=list)
     normalize: bool = True
     allow_negative_weights: bool = False
@@ -521,7 +521,7 @@ def validate_merge(cfg: MergeConfig) -> None:
     """Static checks of a merge request (the inputs themselves are checked by the engine)."""
     if bool(cfg.inputs) == bool(cfg.root):
         _fail("inputs", "give either inputs=[dir,...] or root=<checkpoint root>, not both / neither")
-    _check_method("", cfg.method, cfg.alpha, cfg.decay_shape, METHODS + ("explicit",))
+    _check_method("", cfg, METHODS + ("explicit",))
     if cfg.method == "explicit" and not cfg.weights:
         _fail("weights", "method=explicit needs weights=[...]")
     if cfg.weights and cfg.method != "explicit":

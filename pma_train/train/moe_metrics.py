@@ -20,13 +20,16 @@ class MoEMetrics:
     def __init__(self, model_chunks: list[torch.nn.Module], model_config, pattern: str, sequence_parallel: bool):
         from megatron.core.transformer.moe.router import TopKRouter
 
-        self.config, self.sequence_parallel = model_config, sequence_parallel
+        self.sequence_parallel = sequence_parallel
         self.num_layers = model_config.num_layers
         self.moe_layers = [i + 1 for i, symbol in enumerate(pattern.replace("|", "")) if symbol == "E"]
-        self.routers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
-        self.loads = torch.zeros(self.num_layers, model_config.num_moe_experts)
-        for router in self.routers:
-            router.register_forward_hook(self._count_tokens)
+        # Counts stay on the routers' device until a report: no host sync inside the train step.
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.loads = torch.zeros(self.num_layers, model_config.num_moe_experts, device=device)
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    module.register_forward_hook(self._count_tokens)
         self.loss_names = []
         if model_config.moe_aux_loss_coeff and model_config.moe_router_load_balancing_type in _AUX_LOSS_NAMES:
             self.loss_names.append(_AUX_LOSS_NAMES[model_config.moe_router_load_balancing_type])
@@ -36,7 +39,7 @@ class MoEMetrics:
     def _count_tokens(self, router, inputs, output) -> None:
         if router.training and torch.is_grad_enabled():  # training forwards only, not eval or recompute
             routing_map = output[1]
-            self.loads[router.layer_number - 1] += routing_map.sum(dim=0).detach().float().cpu()
+            self.loads[router.layer_number - 1] += routing_map.sum(dim=0).detach().float()
 
     def report(self, steps: int, num_microbatches: int) -> dict:
         """Means over the window: {moe_<loss>: value, moe_load_imbalance (max/mean, worst layer),
@@ -51,7 +54,7 @@ class MoEMetrics:
                 track_names=self.loss_names, num_layers=self.num_layers,
                 moe_layer_freq=[int(i + 1 in self.moe_layers) for i in range(self.num_layers)], total_loss_dict=losses)
             out |= {f"moe_{name}": float(value) for name, value in losses.items()}
-        loads = self.loads.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu", copy=True)
+        loads = self.loads.clone()
         groups = [parallel_state.get_data_parallel_group(), parallel_state.get_pipeline_model_parallel_group()]
         if self.sequence_parallel:
             groups.append(parallel_state.get_tensor_model_parallel_group())
