@@ -3,7 +3,7 @@
 megatron-core assumes CUDA in many small places (hard-coded `device="cuda"`, `torch.cuda.*`
 calls, an RNG tracker driving the CUDA generator). On a CPU-only host we adapt around those
 assumptions at run time, without touching megatron-core's files. Nothing here is installed
-when a GPU is present. See shared/MEGATRON_ON_CPU.md for the measured traps each part covers.
+when a GPU is present. docs/cpu-compat.md lists the measured traps each part covers.
 """
 
 from __future__ import annotations

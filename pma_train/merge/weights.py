@@ -1,4 +1,4 @@
-"""Merge weights for N checkpoints, oldest first (PMA.md): SMA, EMA, WMA, decay-emulating, or explicit."""
+"""Merge weights for N checkpoints, oldest first (docs/pma.md): SMA, EMA, WMA, decay-emulating, or explicit."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's qualitative findings (PMA.md), each tested against the experiment's numbers.
+"""The paper's qualitative findings (docs/pma.md), each tested against the experiment's numbers.
 
 Every finding states its criterion, the numbers it used and whether it holds here; one that cannot
 be tested with the stages that ran says so (holds = None). Nothing is assumed to hold.
