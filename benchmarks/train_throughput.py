@@ -292,7 +292,7 @@ class Interleaved:
         step, self._open = self._open, None
         if step is None or not step["block"].timed:
             return
-        s = step["result"].seconds
+        s = step["seconds"]
         self.blocks["pma"][-1].append({
             "step_s": now - step["start"], "data": s["data"], "fwd_bwd": s["fwd_bwd"],
             "optimizer": s["optimizer"], "loss_reduce": s["loss_reduce"],
@@ -332,7 +332,11 @@ class Interleaved:
         gc_start = GC_CLOCK.total
         start = time.perf_counter()
         result = self._inner()
-        self._open = {"start": start, "train_step_s": time.perf_counter() - start, "result": result,
+        train_step_s = time.perf_counter() - start
+        # This step's phases (the trainer's own log lines then miss them: they are not measured here).
+        seconds = {**result.seconds, **self.trainer.timer.pop()}
+        seconds["fwd_bwd"] -= seconds["data"]
+        self._open = {"start": start, "train_step_s": train_step_s, "seconds": seconds,
                       "block": block, "gc_start": gc_start}
         self.losses.append(result.loss)
         return result

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,32 @@ class Platform:
         return self.device.type == "cuda"
 
 
+class PlatformError(RuntimeError):
+    """The host does not match what the job asks for; the message names the cause."""
+
+
+def nvidia_devices(dev_dir: str | Path = "/dev") -> list[str]:
+    """The NVIDIA GPU device nodes of this host (nvidia0, nvidia1, ...), whether torch can use them or not."""
+    return sorted(p.name for p in Path(dev_dir).glob("nvidia[0-9]*"))
+
+
+def check_devices(backend: str | None, dev_dir: str | Path = "/dev") -> None:
+    """A host with NVIDIA GPUs that torch cannot use would otherwise train on CPU / gloo without a word."""
+    if backend == "gloo" or torch.cuda.is_available():
+        return
+    gpus = nvidia_devices(dev_dir)
+    if gpus:
+        raise PlatformError(
+            f"this host has NVIDIA GPUs ({', '.join(gpus)}) but torch cannot use them "
+            f"(torch.cuda.is_available() is False; torch {torch.__version__} is built for CUDA {torch.version.cuda}: "
+            "a driver older than that build, or CUDA_VISIBLE_DEVICES hiding them?). Fix that, or pass "
+            "parallel.backend=gloo to train on the CPU on purpose")
+
+
 def detect(backend: str | None = None) -> Platform:
     """nccl + the local GPU on CUDA hosts; gloo + CPU (with the compatibility layer) elsewhere."""
     torch_env_from_slurm()
+    check_devices(backend)
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
@@ -227,13 +251,6 @@ def _patch_megatron() -> None:
     mc_random.device_ctx_manager = lambda *args, **kwargs: contextlib.nullcontext()
     # The tracker warns that the CPU RNG moved inside its fork; here that is by design.
     logging.getLogger(mc_random.__name__).setLevel(logging.ERROR)
-
-    # HybridStack builds its final norm from TENorm whatever the spec says.
-    from megatron.core.models.hybrid import hybrid_block
-
-    from pma_train.model.norm import LocalNorm
-
-    hybrid_block.TENorm = LocalNorm
 
     # gloo's all_to_all_single wants split sizes as lists; the MoE alltoall dispatcher passes tensors.
     dist = torch.distributed

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from pma_train.cli.common import CONF_DIR, register_configs
 from pma_train.checkpoint.layout import CheckpointError, check_loadable, is_gpt_checkpoint, list_iterations
 from pma_train.config import ConfigError, JobConfig, to_job_config, validate
+from pma_train.platform import PlatformError, check_devices
 
 
 def check_checkpoints(job: JobConfig) -> None:
@@ -46,8 +47,9 @@ def _run(cfg: DictConfig) -> None:
     try:
         # Before megatron-core is even imported, let alone a process group started.
         validate(job)
+        check_devices(job.parallel.backend)
         check_checkpoints(job)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, PlatformError) as err:
         print(f"pma-train: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     from pma_train.train.trainer import Trainer

@@ -10,7 +10,7 @@ from megatron.core.transformer import TransformerConfig
 
 from pma_train.config import JobConfig, ModelConfig
 from pma_train.model.init import initialise_layout_invariant
-from pma_train.model.spec import have_transformer_engine, local_stack_spec, te_stack_spec
+from pma_train.model.spec import have_transformer_engine, local_stack_spec, te_stack_spec, use_local_final_norm
 from pma_train.platform import Platform
 
 
@@ -114,6 +114,8 @@ def build_model(cfg: JobConfig, platform: Platform, vocab_size: int, *, initiali
     if not initialise:
         config.perform_initialization = False
     use_te = platform.is_cuda and have_transformer_engine()
+    if not have_transformer_engine():
+        use_local_final_norm()
     spec = te_stack_spec() if use_te else local_stack_spec(cfg.model.num_experts, config.moe_grouped_gemm)
     vpp = cfg.parallel.vpp
     pattern = staged_pattern(cfg.model, cfg.parallel.pp * (vpp or 1))

@@ -16,11 +16,20 @@ from pma_train.model.norm import LocalNorm
 
 
 def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # megatron-core's own verdict: `import transformer_engine` can succeed while the pieces
+    # megatron needs fail to import (a broken or mismatched TE build), and then its TE modules
+    # are MagicMock stand-ins.
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def use_local_final_norm() -> None:
+    """HybridStack builds its final norm from TE's TENorm whatever the spec says; without a usable
+    TE (a CPU host, or a GPU host without TE) that name must be our local norm instead."""
+    from megatron.core.models.hybrid import hybrid_block
+
+    hybrid_block.TENorm = LocalNorm
 
 
 def te_stack_spec() -> ModuleSpec:

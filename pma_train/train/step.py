@@ -19,6 +19,49 @@ class DataTimer:
         return seconds
 
 
+class PhaseTimer:
+    """Seconds per phase of the train step (fwd_bwd, optimizer, ...), summed until popped.
+
+    On CUDA each phase is timed with events that are read only when popped (at log steps), so
+    timing never makes the host wait for the GPU inside a step. On CPU the work is synchronous and
+    the wall clock is exact.
+    """
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self._last = None
+        self._pending: list[tuple[str, object, object]] = []
+        self._seconds: dict[str, float] = {}
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self._last = self._now()
+
+    def mark(self, phase: str) -> None:
+        """The phase that began at the previous mark (or start) ends now."""
+        now = self._now()
+        if self.cuda:
+            self._pending.append((phase, self._last, now))
+        else:
+            self._seconds[phase] = self._seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def pop(self) -> dict[str, float]:
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for phase, begin, end in self._pending:
+                self._seconds[phase] = self._seconds.get(phase, 0.0) + begin.elapsed_time(end) / 1000
+            self._pending.clear()
+        seconds, self._seconds = self._seconds, {}
+        return seconds
+
+
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)

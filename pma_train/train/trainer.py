@@ -27,7 +27,7 @@ from pma_train.train.flops import flops_per_token, peak_flops_per_gpu
 from pma_train.train.moe_metrics import MoEMetrics
 from pma_train.train.optim import build_optimizer, wrap_ddp
 from pma_train.train.spike import RecoveryBudget, SpikeDetector
-from pma_train.train.step import DataTimer, make_forward_step, reduce_lm_loss
+from pma_train.train.step import DataTimer, PhaseTimer, make_forward_step, reduce_lm_loss
 
 
 @dataclass
@@ -71,6 +71,7 @@ class Trainer:
             cfg.data, self.tokenizer, t.seq_length, cfg.seed,
             (t.iters * t.global_batch_size, t.eval_iters * t.global_batch_size))
         self.data_timer = DataTimer()
+        self.timer = PhaseTimer(self.platform.is_cuda)
         self.forward_step = make_forward_step(self.platform.device, self.data_timer)
         self.forward_backward = get_forward_backward_func()
         self.train_iters = self._data_iterators(self.state.consumed_samples)
@@ -171,7 +172,7 @@ class Trainer:
             cause = self.detector.check(result.loss, result.grad_norm) if self.detector else None
             if cause is not None:
                 self._recover(it, cause)
-                window = _Window()
+                window, _ = _Window(), self.timer.pop()
                 continue
             self.log.advance(1, loss=result.loss, lr=result.lr)
             if it % t.log_interval == 0 or it == t.iters:
@@ -179,7 +180,7 @@ class Trainer:
                                   "tokens_per_s": self.tokens_per_iter * window.steps / window.seconds,
                                   "step_s": window.seconds / window.steps,
                                   "consumed_tokens": self.state.consumed_tokens,
-                                  "skipped_steps": window.skipped, **self._flops(window), **window.breakdown(),
+                                  "skipped_steps": window.skipped, **self._flops(window), **window.breakdown(self.timer.pop()),
                                   **(self.moe_metrics.report(window.steps, self.num_microbatches)
                                      if self.moe_metrics else {})},
                              console=("loss", "lr", "grad_norm", "tokens_per_s", "step_s", "mfu", "moe_load_balancing_loss",
@@ -211,8 +212,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         t = self.cfg.train
-        seconds = {}
-        start = time.perf_counter()
+        self.timer.start()
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -220,23 +220,18 @@ class Trainer:
             forward_step_func=self.forward_step, data_iterator=self.train_iters, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=t.seq_length,
             micro_batch_size=t.micro_batch_size, forward_only=False)
-        self._sync()
-        seconds["data"] = self.data_timer.pop()
-        seconds["fwd_bwd"] = time.perf_counter() - start - seconds["data"]
-        start = time.perf_counter()
+        self.timer.mark("fwd_bwd")
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=scheduler_increment(t))
-        self._sync()
-        seconds["optimizer"] = time.perf_counter() - start
-        start = time.perf_counter()
+        self.timer.mark("optimizer")
         loss, _ = reduce_lm_loss(losses, self.platform.device)
-        seconds["loss_reduce"] = time.perf_counter() - start
+        self.timer.mark("loss_reduce")
         self.state.iteration += 1
         self.state.consumed_samples += t.global_batch_size
         self.state.consumed_tokens += self.tokens_per_iter
         lr = self.optimizer.param_groups[0]["lr"]
-        return StepResult(loss, float(grad_norm or 0.0), lr, not updated, seconds)
+        return StepResult(loss, float(grad_norm or 0.0), lr, not updated, {"data": self.data_timer.pop()})
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -358,10 +353,6 @@ class Trainer:
             out["mfu"] = per_rank / self.peak_flops
         return out
 
-    def _sync(self) -> None:
-        if self.platform.is_cuda:
-            torch.cuda.synchronize()
-
     def _describe(self) -> str:
         p = self.cfg.parallel
         params = sum(p_.numel() for chunk in self.model for p_ in chunk.parameters())
@@ -389,8 +380,12 @@ class _Window:
     def mean_loss(self) -> float:
         return self.loss / self.steps
 
-    def breakdown(self) -> dict[str, float]:
-        parts = {f"time_{k}_s": v / self.steps for k, v in self.parts.items()}
+    def breakdown(self, phases: dict[str, float]) -> dict[str, float]:
+        """Mean seconds per step of each phase; `phases` (from the PhaseTimer) include the data wait."""
+        phases = {**self.parts, **phases}
+        if "fwd_bwd" in phases:
+            phases["fwd_bwd"] = max(0.0, phases["fwd_bwd"] - phases.get("data", 0.0))
+        parts = {f"time_{k}_s": v / self.steps for k, v in phases.items()}
         # What the loop itself costs besides the step: logging, progress bar, bookkeeping.
         parts["time_other_s"] = max(0.0, self.seconds / self.steps - sum(parts.values()))
         return parts

@@ -1,0 +1,55 @@
+"""Host detection: GPUs torch cannot use are named, not silently replaced by the CPU; Transformer
+Engine is judged by megatron-core's own flag; HybridModel builds its final norm without TE."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pma_train.platform import PlatformError, check_devices
+from tests.launch import REPO, test_env
+
+
+def test_gpus_torch_cannot_use_stop_the_job_unless_gloo_is_asked_for(tmp_path):
+    (tmp_path / "nvidia0").touch()
+    (tmp_path / "nvidia1").touch()
+    (tmp_path / "nvidiactl").touch()  # control node, not a GPU
+    with pytest.raises(PlatformError, match=r"NVIDIA GPUs \(nvidia0, nvidia1\).*parallel.backend=gloo"):
+        check_devices(None, tmp_path)
+    check_devices("gloo", tmp_path)  # CPU on purpose
+    check_devices(None, tmp_path / "empty")  # no GPUs: CPU it is
+
+
+def test_pma_train_refuses_before_starting_anything(tmp_path):
+    # The CLI's check runs the real detection; here it is pointed at fake device nodes.
+    code = ("import sys; from pma_train import platform; nodes = sys.argv[1]; "
+            "plain = platform.check_devices; platform.check_devices = lambda b, d=nodes: plain(b, d); "
+            "import pma_train.cli.train as t; t.check_devices = platform.check_devices; "
+            "sys.argv = ['pma-train', 'run.dir=' + sys.argv[2]]; t.main()")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "nvidia0").touch()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dev"), str(tmp_path / "run")], cwd=REPO,
+                          env=test_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "NVIDIA GPUs (nvidia0)" in proc.stderr and "parallel.backend=gloo" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_transformer_engine_is_judged_by_megatron_core_and_the_final_norm_needs_none():
+    code = ("from megatron.core.extensions.transformer_engine import HAVE_TE\n"
+            "from pma_train.model.spec import have_transformer_engine, use_local_final_norm\n"
+            "assert have_transformer_engine() is bool(HAVE_TE)\n"
+            "from megatron.core.models.hybrid import hybrid_block\n"
+            "from megatron.core.transformer import TransformerConfig\n"
+            "use_local_final_norm()\n"  # no CPU layer installed: what a GPU host without TE does
+            "cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization='RMSNorm',"
+            " use_cpu_initialization=True)\n"
+            "norm = hybrid_block.TENorm(config=cfg, hidden_size=8, eps=1e-5)\n"
+            "import torch; print(hybrid_block.TENorm.__name__, type(norm).__name__, tuple(norm(torch.ones(2, 8)).shape))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=test_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # LocalNorm builds megatron-core's torch norm (RMSNorm here), never TE's
+    assert proc.stdout.split()[-4:] == ["LocalNorm", "RMSNorm", "(2,", "8)"]
