@@ -93,9 +93,17 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def _ends_torn(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 def _open_for_append(path: Path):
     # A job killed mid-write leaves a torn last line: end it, so the next record stays whole.
-    torn = path.is_file() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
+    torn = _ends_torn(path)
     f = open(path, "a", buffering=1)
     if torn:
         f.write("\n")

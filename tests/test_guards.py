@@ -16,7 +16,7 @@ from pma_train.cli.merge import print_selection, selection
 from pma_train.cli.train import check_checkpoints
 from pma_train.config import JobConfig, MergeConfig
 from pma_train.merge import SelectionError, resolve_inputs
-from pma_train.metrics import METRICS_FILE, read_metrics
+from pma_train.metrics import METRICS_FILE, MetricsLogger, read_metrics
 from tests.launch import run_module, train
 
 TINY = ["train.global_batch_size=4", "train.micro_batch_size=2", "train.seq_length=32", "train.log_interval=1",
@@ -91,6 +91,15 @@ def test_read_metrics_history(tmp_path):
         ("train", 1), ("train", 2), ("resume", 2), ("val", 2), ("recovery", 3), ("train", 3)]
     assert [r["loss"] for r in read_metrics(path, "val")] == [8.0]
     assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_a_resumed_logger_ends_a_torn_last_line(tmp_path):
+    (tmp_path / METRICS_FILE).write_text('{"kind": "train", "step": 1, "loss": 1.0}\n{"kind": "tr')
+    log = MetricsLogger(JobConfig(), tmp_path, total_iters=2, start_iter=1, enabled=True)
+    log.log(2, {"loss": 0.5})
+    log.close()
+    with pytest.warns(UserWarning, match=f"{METRICS_FILE}:2: not a JSON record"):
+        assert [r["loss"] for r in read_metrics(tmp_path / METRICS_FILE, "train")] == [1.0, 0.5]
 
 
 def _fake_checkpoint(root, iteration, extra=None):
