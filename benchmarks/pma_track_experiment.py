@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pma_train.metrics import METRICS_FILE, read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -22,7 +24,7 @@ def run(run_dir: Path, overrides: list[str]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "pma_train.cli.train", f"run.dir={run_dir}", "logging.progress_bar=false", *overrides]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir / METRICS_FILE)
 
 
 def main() -> None:

@@ -349,6 +349,31 @@ def _check_method(prefix: str, w: MergeWeighting, allowed=METHODS) -> None:
         _fail(prefix + "decay_shape", f"'{w.decay_shape}' is not one of {', '.join(MERGE_DECAY_SHAPES)}")
 
 
+def _check_optimizer(t: TrainConfig) -> None:
+    # Comparisons written so that NaN fails them too.
+    if not 0 <= t.min_lr <= t.lr:
+        _fail("train.min_lr", f"must be in [0, train.lr={t.lr}], got {t.min_lr}")
+    if not t.weight_decay >= 0:
+        _fail("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    # beta1 = 0 is Adam without momentum (torch accepts it); beta2 must average something.
+    if not 0 <= t.adam_beta1 < 1:
+        _fail("train.adam_beta1", f"must be in [0, 1), got {t.adam_beta1}")
+    if not 0 < t.adam_beta2 < 1:
+        _fail("train.adam_beta2", f"must be in (0, 1), got {t.adam_beta2}")
+    if not t.adam_eps > 0:
+        _fail("train.adam_eps", f"must be > 0, got {t.adam_eps}")
+    if not t.clip_grad >= 0:
+        _fail("train.clip_grad", f"must be >= 0 (0 = no clipping), got {t.clip_grad}")
+
+
+def _check_intervals(t: TrainConfig) -> None:
+    for name in ("log_interval", "eval_interval"):
+        if getattr(t, name) < 1:
+            _fail(f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    if t.eval_iters < 0:
+        _fail("train.eval_iters", f"must be >= 0 (0 = no evaluation), got {t.eval_iters}")
+
+
 def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     """Check that the job can run; raise ConfigError naming the first field that cannot."""
     world_size = world_size_from_env() if world_size is None else world_size
@@ -406,10 +431,15 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         _fail("train.iters", f"must be >= 1, got {t.iters}")
     if t.seq_length < 2:
         _fail("train.seq_length", f"must be >= 2, got {t.seq_length}")
-    if m.position_embedding_type == "learned_absolute" and t.seq_length > m.max_position_embeddings:
+    # RoPE tables are sized for max_position_embeddings, and exports record it as the context length.
+    if m.position_embedding_type != "none" and t.seq_length > m.max_position_embeddings:
         _fail("train.seq_length", f"{t.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     if not (t.lr > 0 and math.isfinite(t.lr)):
         _fail("train.lr", f"must be a positive number, got {t.lr}")
+    _check_optimizer(t)
+    _check_intervals(t)
+    if not 0 <= cfg.seed < 2**32:  # numpy's seed range; megatron-core adds per-rank offsets below that
+        _fail("seed", f"must be in [0, 2**32), got {cfg.seed}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         _fail("train.precision", f"'{t.precision}' is not one of auto, fp32, bf16, fp16")
 
@@ -425,6 +455,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             _fail("checkpoint.dir", "an annealing branch writes its own checkpoints: give it another checkpoint.dir")
     tr = cfg.track
     if tr.enabled:
+        if t.eval_iters == 0:
+            _fail("track.enabled", "the tracked merge is evaluated at every eval, and train.eval_iters=0 turns "
+                                   "evaluation off")
         if tr.n < 1:
             _fail("track.n", f"must be >= 1, got {tr.n}")
         _check_method("track.", tr)
@@ -463,6 +496,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         path = getattr(cfg.checkpoint, name)
         if path is not None and not Path(path).exists():
             _fail(f"checkpoint.{name}", f"{path} does not exist")
+    if cfg.checkpoint.load is not None and cfg.checkpoint.init_from is not None:
+        # init_from starts a new run from weights, load resumes one: together one would be ignored.
+        _fail("checkpoint.init_from", "give checkpoint.load (resume: weights, optimizer, iteration) or "
+                                      "checkpoint.init_from (weights only, iteration 0), not both")
 
     d = cfg.data
     for prefix in d.paths:
@@ -482,6 +519,33 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         _fail("logging.wandb.mode", f"'{cfg.logging.wandb.mode}' is not one of disabled, offline, online")
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(field_name: str, directory: str) -> None:
+    """`directory`, or the nearest existing parent it would be created under, can be written.
+
+    Creates nothing: a job that fails here has written nothing either.
+    """
+    target = Path(directory)
+    existing = _nearest_existing(target)
+    where = "" if existing == target.absolute() else f" (it would be created under {existing})"
+    if not existing.is_dir():
+        _fail(field_name, f"{existing} is not a directory{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(field_name, f"{existing} is not writable{where}")
+
+
+def check_output_dirs(cfg: JobConfig) -> None:
+    """The directories a training job writes to: found at the start, not at the first save after training."""
+    check_writable("run.dir", cfg.run.dir)
+    check_writable("checkpoint.dir", cfg.checkpoint.dir)
+
+
 # ----------------------------------------------------------------------------- pma-merge
 
 
@@ -489,7 +553,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
 class MergeConfig(MergeWeighting):
     """`pma-merge`: average checkpoints (PMA). Inputs are explicit dirs, or a root plus a selection."""
 
-    # Explicit checkpoint directories (iter_* dirs or roots, oldest first) ...
+    # Explicit checkpoint directories (iter_* dirs or roots; merged oldest first whatever the order listed,
+    # each checkpoint once) ...
     inputs: list[str] = field(default_factory=list)
     # ... or a checkpoint root: the last `n` checkpoints spaced `v_tokens` (or `v_iterations`) apart,
     # the newest at or before `end_iteration` (default: the root's latest).
@@ -498,7 +563,8 @@ class MergeConfig(MergeWeighting):
     v_tokens: Optional[int] = None
     v_iterations: Optional[int] = None
     end_iteration: Optional[int] = None
-    # method=explicit (besides MergeWeighting's): these weights, one per input, oldest first.
+    # method=explicit (besides MergeWeighting's): these weights, one per input in the order inputs are
+    # listed (a weight moves with its input when inputs are sorted oldest first); with root, oldest first.
     weights: list[float] = field(default_factory=list)
     normalize: bool = True
     allow_negative_weights: bool = False

@@ -1,4 +1,10 @@
-"""Metrics sinks: console (a progress bar or plain lines), a JSONL file (the source of truth), wandb."""
+"""Metrics sinks: console (a progress bar or plain lines), a JSONL file (the source of truth), wandb;
+and `read_metrics`, the one reader of that file.
+
+A resumed job appends to the same metrics.jsonl: it first writes a record of kind "resume" (the
+iteration it continues from and the checkpoint), then logs steps after it again. Steps logged
+after that iteration before the resume belong to a trajectory the job abandoned when it died.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,16 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pma_train.config import JobConfig
+
+METRICS_FILE = "metrics.jsonl"
+# Records of events, not of measurements at a step: every one is kept.
+EVENT_KINDS = frozenset({"resume", "recovery", "retention"})
 
 
 def _format(key: str, value: Any) -> str:
@@ -34,7 +45,7 @@ class MetricsLogger:
         if not enabled:
             return
         if cfg.logging.jsonl:
-            self._jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+            self._jsonl = _open_for_append(Path(run_dir) / METRICS_FILE)
         if cfg.logging.wandb.mode != "disabled":
             import wandb
 
@@ -80,3 +91,51 @@ class MetricsLogger:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _ends_torn(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
+def _open_for_append(path: Path):
+    # A job killed mid-write leaves a torn last line: end it, so the next record stays whole.
+    torn = _ends_torn(path)
+    f = open(path, "a", buffering=1)
+    if torn:
+        f.write("\n")
+    return f
+
+
+def _parsed_lines(path: Path):
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:  # a line torn by a killed job: the rest of the file is still good
+            warnings.warn(f"{path}:{number}: not a JSON record (torn by a killed job?), skipped", stacklevel=3)
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
+    """The records of a metrics.jsonl (of one kind, if given) as the run's history: in step order,
+    the newest record per (kind, step); a resume drops the measurements logged beyond its iteration
+    before it. Events (EVENT_KINDS) are all kept. A missing file has no records."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    latest: dict[tuple[str, int], tuple[int, dict]] = {}
+    events: list[tuple[int, dict]] = []
+    for seq, record in enumerate(_parsed_lines(path)):
+        key = (record.get("kind"), record.get("step"))
+        if key[0] == "resume":
+            latest = {k: v for k, v in latest.items() if k[1] is None or k[1] <= key[1]}
+        if key[0] in EVENT_KINDS:
+            events.append((seq, record))
+        else:
+            latest[key] = (seq, record)
+    rows = sorted([*latest.values(), *events], key=lambda item: (item[1].get("step") or 0, item[0]))
+    return [r for _, r in rows if kind is None or r.get("kind") == kind]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from pma_train.metrics import METRICS_FILE, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,11 +36,8 @@ class Run:
     run_dir: Path
 
     def records(self, kind: str) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r["kind"] == kind]
+        """The run's records of one kind, newest per step (as pma-repro and the plots read them)."""
+        return read_metrics(self.run_dir / METRICS_FILE, kind)
 
     def losses(self) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in self.records("train")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import torch
@@ -108,3 +109,22 @@ def test_retention_keeps_latest_recent_and_merge_grid(tmp_path):
     layout.write_tracker(root, 20)
     prune(root, keep_last=1, grid_every=None, grid_last=None)
     assert layout.list_iterations(root) == [20, 50]
+
+
+def test_tracker_that_is_not_text_is_named(tmp_path):
+    from pma_train.cli.train import check_checkpoints
+    from pma_train.config import JobConfig
+    from pma_train.merge import SelectionError, resolve_inputs
+
+    root = tmp_path / "ckpt"
+    (root / "iter_0000002").mkdir(parents=True)
+    (root / layout.TRACKER_FILE).write_bytes(b"\xff\xfe2\x00")
+    message = re.escape(f"{root / layout.TRACKER_FILE} is not a text file (byte 0 is 0xff)")
+    with pytest.raises(CheckpointError, match=message):
+        layout.read_tracker(root)
+    with pytest.raises(SelectionError, match=f"inputs: {message}"):  # pma-merge
+        resolve_inputs([str(root)])
+    job = JobConfig()
+    job.checkpoint.dir = str(root)
+    with pytest.raises(CheckpointError, match=f"checkpoint.dir \\(auto-resume\\): {message}"):  # pma-train
+        check_checkpoints(job)

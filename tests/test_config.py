@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from pma_train.config import ConfigError, JobConfig, validate
+from pma_train.config import ConfigError, JobConfig, check_writable, validate
 from tests.launch import REPO, test_env
 
 
@@ -30,6 +33,20 @@ def job(**sections) -> JobConfig:
     ({"data__paths": ["/nonexistent/corpus"]}, 1, "data.paths"),
     ({"checkpoint__load": "/nonexistent/ckpt"}, 1, "checkpoint.load"),
     ({"parallel__vpp": 2}, 1, "parallel.vpp"),
+    ({"train__eval_interval": 0}, 1, "train.eval_interval"),
+    ({"train__log_interval": 0}, 1, "train.log_interval"),
+    ({"train__eval_iters": -1}, 1, "train.eval_iters"),
+    ({"train__adam_beta2": 1.0}, 1, "train.adam_beta2"),
+    ({"train__adam_beta2": 0.0}, 1, "train.adam_beta2"),
+    ({"train__adam_beta1": 1.0}, 1, "train.adam_beta1"),
+    ({"train__adam_beta1": -0.1}, 1, "train.adam_beta1"),
+    ({"train__weight_decay": -0.1}, 1, "train.weight_decay"),
+    ({"train__min_lr": 1e-2}, 1, "train.min_lr"),                # above train.lr=3e-3
+    ({"train__clip_grad": -1.0}, 1, "train.clip_grad"),
+    ({"train__clip_grad": float("nan")}, 1, "train.clip_grad"),
+    ({"train__seq_length": 8192}, 1, "train.seq_length"),         # RoPE, max_position_embeddings=4096
+    ({"track__enabled": True, "train__eval_iters": 0}, 1, "track.enabled"),
+    ({"checkpoint__load": ".", "checkpoint__init_from": "."}, 1, "checkpoint.init_from"),
 ])
 def test_validate_names_the_field(overrides, world, field):
     with pytest.raises(ConfigError) as err:
@@ -37,7 +54,15 @@ def test_validate_names_the_field(overrides, world, field):
     assert str(err.value).startswith(field + ":"), str(err.value)
 
 
+def test_negative_seed_is_refused():
+    cfg = JobConfig()
+    cfg.seed = -1
+    with pytest.raises(ConfigError, match=r"^seed: must be in \[0, 2\*\*32\), got -1"):
+        validate(cfg, world_size=1)
+
+
 def test_default_config_is_valid():
+    validate(job(train__eval_iters=0, train__adam_beta1=0.0, train__clip_grad=0.0), world_size=1)  # off switches
     validate(JobConfig(), world_size=1)
     validate(job(parallel__tp=2), world_size=2)
     validate(job(parallel__tp=2), world_size=4)  # dp 2
@@ -65,3 +90,49 @@ def test_cli_help_lists_groups():
     proc = _cli("--help")
     assert proc.returncode == 0
     assert "model: " in proc.stdout and "schedule: anneal, constant, cosine, wsd" in proc.stdout
+
+
+def test_output_dirs_must_be_writable_and_nothing_is_created(tmp_path):
+    check_writable("checkpoint.dir", str(tmp_path / "new" / "deeper"))  # created later, under a writable parent
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=f"^checkpoint.dir: {tmp_path / 'file'} is not a directory "
+                                          f"\\(it would be created under {tmp_path / 'file'}\\)"):
+        check_writable("checkpoint.dir", str(tmp_path / "file" / "ckpt"))
+
+
+def test_read_only_checkpoint_dir_is_found_before_training():
+    """As a user who cannot write there: root writes anywhere, so as root the check runs as nobody
+    (pma_train.config needs nothing but the standard library, so any python 3.9+ nobody may run does)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:
+        os.chmod(top, 0o777)  # run.dir: writable by anyone
+        read_only = Path(top) / "read-only"
+        read_only.mkdir(mode=0o555)
+        code = ("from pma_train.config import JobConfig, check_output_dirs\n"
+                f"cfg = JobConfig(); cfg.run.dir = {top!r}; cfg.checkpoint.dir = {str(read_only / 'run' / 'ckpt')!r}\n"
+                "check_output_dirs(cfg)")
+        proc = _run_unprivileged(["-c", code])
+        assert proc.returncode != 0
+        assert (f"ConfigError: checkpoint.dir: {read_only} is not writable (it would be created under {read_only})"
+                in proc.stderr), proc.stderr[-2000:]
+
+
+def _run_unprivileged(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**test_env(), "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    if os.geteuid() != 0:
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120)
+    for python in (sys.executable, "/usr/bin/python3"):
+        try:  # nobody (65534): file modes apply to it
+            return subprocess.run([python, *args], env=env, capture_output=True, text=True, timeout=120,
+                                  user=65534, group=65534, extra_groups=[], cwd="/")
+        except (PermissionError, FileNotFoundError):
+            continue  # an interpreter under a directory only root may enter
+    pytest.skip("running as root and no python interpreter that user nobody may run")
+
+
+def test_cli_checks_output_dirs_before_starting(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _cli(f"run.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'file' / 'ckpt'}")
+    assert proc.returncode == 2
+    assert f"configuration error: checkpoint.dir: {tmp_path / 'file'} is not a directory" in proc.stderr
+    assert not (tmp_path / "run").exists()

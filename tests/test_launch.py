@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from pma_train.metrics import METRICS_FILE, read_metrics
 from pma_train.slurm_env import first_slurm_host, torch_env_from_slurm
 from tests.launch import REPO, free_port, test_env
 
@@ -95,8 +96,7 @@ def _ok(proc: subprocess.CompletedProcess) -> str:
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / METRICS_FILE, "train")}
 
 
 @pytest.fixture(scope="module")

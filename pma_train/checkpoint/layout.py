@@ -36,7 +36,13 @@ def read_tracker(root: Path) -> int | None:
     tracker = Path(root) / TRACKER_FILE
     if not tracker.is_file():
         return None
-    text = tracker.read_text().strip()
+    try:
+        text = tracker.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{tracker} is not a text file (byte {err.start} is 0x{err.object[err.start]:02x}): "
+                              "it should hold an iteration number") from None
+    except OSError as err:
+        raise CheckpointError(f"{tracker} cannot be read: {err.strerror}") from None
     if text == "release":
         return 0
     try:

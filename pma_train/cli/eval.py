@@ -19,6 +19,8 @@ def _run(node: DictConfig) -> None:
     cfg: EvalConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), node))
     try:
         validate(cfg)
+        if cfg.train.eval_iters < 1:  # 0 turns a training run's evaluation off; here it would give 0.0
+            raise ConfigError(f"train.eval_iters: pma-eval needs at least 1, got {cfg.train.eval_iters}")
         if not cfg.checkpoints:
             raise ConfigError("checkpoints: give at least one checkpoint, e.g. 'checkpoints=[ckpt/run1]'")
         for path in cfg.checkpoints:

@@ -10,9 +10,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pma_train.cli.common import CONF_DIR, register_configs
-from pma_train.checkpoint.layout import CheckpointError
+from pma_train.checkpoint.layout import CheckpointError, read_tracker
 from pma_train.config import ConfigError, MergeConfig, validate_merge
 from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
+from pma_train.merge.select import sort_oldest_first
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -22,17 +23,23 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def selection(cfg: MergeConfig):
-    """(inputs oldest first, weights) for a merge request."""
+    """(inputs oldest first, weights, a note when the listed inputs were reordered) for a merge request."""
+    explicit, note = list(cfg.weights), None
     if cfg.inputs:
-        inputs = resolve_inputs(cfg.inputs)
+        inputs, explicit, reordered = sort_oldest_first(resolve_inputs(cfg.inputs), explicit)
+        if reordered:
+            note = ("inputs are merged oldest first, not in the order listed"
+                    + (": each explicit weight stays with the input it was listed with" if explicit else ""))
     else:
         inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration)
-    weights = merge_weights(cfg.method, len(inputs), cfg.alpha, cfg.weights, cfg.normalize,
+    weights = merge_weights(cfg.method, len(inputs), cfg.alpha, explicit, cfg.normalize,
                             cfg.allow_negative_weights, cfg.decay_shape)
-    return inputs, weights
+    return inputs, weights, note
 
 
-def print_selection(inputs, weights) -> None:
+def print_selection(inputs, weights, note: str | None = None) -> None:
+    if note:
+        print(f"note: {note}")
     print(f"{'iteration':>10}  {'tokens':>14}  {'weight':>9}  checkpoint")
     for info, weight in zip(inputs, weights):
         tokens = "?" if info.consumed_tokens is None else f"{info.consumed_tokens:,}"
@@ -44,13 +51,15 @@ def _run(node: DictConfig) -> None:
     cfg: MergeConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MergeConfig), node))
     try:
         validate_merge(cfg)
-        inputs, weights = selection(cfg)
+        inputs, weights, note = selection(cfg)
+        if cfg.output:
+            read_tracker(Path(cfg.output))  # an unreadable tracker of the output fails now, not after the merge
     except (ConfigError, SelectionError, WeightError, CheckpointError) as err:
         _fail(str(err))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if cfg.dry_run:
         if rank0:
-            print_selection(inputs, weights)
+            print_selection(inputs, weights, note)
         return
 
     import torch.distributed as dist
@@ -70,7 +79,7 @@ def _run(node: DictConfig) -> None:
                            output_dtype=cfg.output_dtype, carry_optimizer=cfg.carry_optimizer,
                            overwrite=cfg.overwrite, progress=cfg.progress_bar and sys.stderr.isatty())
     if rank0:
-        print_selection(inputs, weights)
+        print_selection(inputs, weights, note)
     try:
         summary = run_merge(request)
     except (MergeError, CheckpointError) as err:

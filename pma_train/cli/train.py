@@ -9,7 +9,8 @@ from omegaconf import DictConfig
 
 from pma_train.cli.common import CONF_DIR, register_configs
 from pma_train.checkpoint.layout import CheckpointError, check_loadable, is_gpt_checkpoint, list_iterations
-from pma_train.config import ConfigError, JobConfig, to_job_config, validate
+from pma_train.checkpoint.origin import check_restart_of_init_run
+from pma_train.config import ConfigError, JobConfig, check_output_dirs, to_job_config, validate
 from pma_train.platform import PlatformError, check_devices
 
 
@@ -27,6 +28,8 @@ def check_checkpoints(job: JobConfig) -> None:
             check_loadable(c.dir)
         except CheckpointError as err:
             raise CheckpointError(f"checkpoint.dir (auto-resume): {err}") from None
+        if c.init_from is not None:
+            check_restart_of_init_run(c.init_from, c.dir)
     if job.schedule.name == "anneal" and c.load is not None and not list_iterations(c.dir):
         from pma_train.merge.select import describe
 
@@ -48,6 +51,7 @@ def _run(cfg: DictConfig) -> None:
         # Before megatron-core is even imported, let alone a process group started.
         validate(job)
         check_devices(job.parallel.backend)
+        check_output_dirs(job)
         check_checkpoints(job)
     except (ConfigError, CheckpointError, PlatformError) as err:
         print(f"pma-train: configuration error: {err}", file=sys.stderr)

@@ -96,10 +96,34 @@ def select_spaced(root: str | Path, n: int, v_tokens: int | None = None, v_itera
 
 
 def resolve_inputs(paths: list[str]) -> list[CheckpointInfo]:
+    """The checkpoints of explicit inputs, in the order listed; each at most once."""
     infos = []
     for path in paths:
         try:
             infos.append(describe(path))
         except CheckpointError as err:
             raise SelectionError(f"inputs: {err}") from None
+    _refuse_duplicates(paths, infos)
     return infos
+
+
+def _refuse_duplicates(paths: list[str], infos: list[CheckpointInfo]) -> None:
+    # A root and its latest iter_* dir, or two symlinked paths, name one checkpoint: weighted twice.
+    seen: dict[Path, str] = {}
+    for given, info in zip(paths, infos):
+        real = info.path.resolve()
+        if real in seen:
+            raise SelectionError(f"inputs: {seen[real]} and {given} are the same checkpoint ({real}); "
+                                 "list each checkpoint once")
+        seen[real] = given
+
+
+def sort_oldest_first(infos: list[CheckpointInfo], weights: list[float]) -> tuple[list[CheckpointInfo], list[float], bool]:
+    """Inputs by (iteration, tokens), as merges need them: the output takes the newest one's
+    iteration, and positional weights (ema, wma, decay) count from the oldest. Explicit weights
+    move with the input they were listed with. Returns (inputs, weights, whether the order changed)."""
+    if weights and len(weights) != len(infos):
+        raise SelectionError(f"weights: {len(weights)} weights for {len(infos)} inputs")
+    order = sorted(range(len(infos)), key=lambda i: (infos[i].iteration, infos[i].consumed_tokens or 0))
+    return ([infos[i] for i in order], [weights[i] for i in order] if weights else [],
+            order != list(range(len(infos))))

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from pma_train import metrics
 from pma_train.repro.config import ReproConfig, parse_method
 
 
@@ -26,9 +27,8 @@ def _free_port() -> int:
 
 
 def read_metrics(run_dir: Path, kind: str) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return [r for r in rows if r["kind"] == kind]
+    """A run's records of one kind, newest per step (pma_train/metrics.py reads every metrics.jsonl)."""
+    return metrics.read_metrics(run_dir / metrics.METRICS_FILE, kind)
 
 
 def _track_overrides(spec: str) -> list[str]:

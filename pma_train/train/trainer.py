@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout
+from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
 from pma_train.checkpoint.retention import prune
 from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
 from pma_train.config import ConfigError, JobConfig, track_spacing_iters, validate
@@ -64,6 +65,7 @@ class Trainer:
         self.scheduler = None if cfg.schedule.name == "anneal" else build_scheduler(
             self.optimizer, cfg.schedule, cfg.train, self.tokens_per_iter)
         self.log_lines: list[str] = []
+        self.resumed_from: Path | None = None  # the checkpoint this process continues from, if any
         self.state = self._load_initial_state()
 
         t = cfg.train
@@ -76,6 +78,10 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.train_iters = self._data_iterators(self.state.consumed_samples)
         self.log = MetricsLogger(cfg, self.run_dir, t.iters, self.state.iteration, enabled=self.rank0)
+        if self.resumed_from is not None:
+            # Readers let the records that follow replace those of the same steps (pma_train/metrics.py).
+            self.log.log(self.state.iteration, {"iteration": self.state.iteration,
+                                                "checkpoint": str(self.resumed_from)}, kind="resume")
         self.tracker, self.track_spacing = self._build_tracker()
         self.track_seconds = 0.0  # time the tracker costs the training loop (snapshots)
         self.train_seconds = 0.0
@@ -100,14 +106,21 @@ class Trainer:
             state = load_checkpoint(resume_from, self.model, optimizer, self.scheduler)
             if optimizer is None:
                 self.optimizer.reload_model_params()
+            self.resumed_from = layout.resolve_checkpoint(resume_from)
+            if c.init_from is not None:  # pma-train's CLI checked these checkpoints started from it
+                self.log_lines.append(f"checkpoint.init_from: this run started from {c.init_from}; a restart "
+                                      f"resumes from its own checkpoint {self.resumed_from}")
             return state
+        state = TrainState()
         if c.init_from is not None:
             load_checkpoint(c.init_from, self.model)
+            # Recorded in every checkpoint, so a restart knows its own checkpoints (pma_train/checkpoint/origin.py).
+            state.extra[INIT_FROM_KEY] = init_from_record(c.init_from)
         elif c.init_merge.root is not None:
             self._init_from_merge()
         # Mixed precision keeps fp32 main weights in the optimizer: refresh them from the model.
         self.optimizer.reload_model_params()
-        return TrainState()
+        return state
 
     def _init_from_merge(self) -> None:
         """PMA-init: the average of a run's last n checkpoints, loaded shard by shard into this model."""
@@ -124,7 +137,8 @@ class Trainer:
         """Fork from checkpoint.load (weights, optimizer, data position) and anneal to train.iters;
         a restarted branch resumes from its own checkpoints."""
         t = self.cfg.train
-        state = load_checkpoint(own_checkpoints or self.cfg.checkpoint.load, self.model, self.optimizer, None)
+        self.resumed_from = layout.resolve_checkpoint(own_checkpoints or self.cfg.checkpoint.load)
+        state = load_checkpoint(self.resumed_from, self.model, self.optimizer, None)
         start = state.extra.setdefault("anneal_start_iteration", state.iteration)
         if t.iters <= start:
             raise ConfigError(f"train.iters: {t.iters} must be beyond the fork's iteration {start} for an annealing branch")
@@ -158,7 +172,9 @@ class Trainer:
         start_iter, start_time = self.state.iteration, time.perf_counter()
         window = _Window()
         last_eval = None
-        if t.eval_at_start:
+        # eval_iters=0 turns evaluation off, as in Megatron-LM: no validation loss is logged.
+        evaluating = t.eval_iters > 0
+        if t.eval_at_start and evaluating:
             last_eval = self.evaluate()
             self.log.log(start_iter, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens}, kind="val")
         stop_at = t.iters if t.exit_after_iters is None else min(t.iters, start_iter + t.exit_after_iters)
@@ -192,7 +208,7 @@ class Trainer:
                     track_start = time.perf_counter()
                     self.tracker.add(it)
                     self.track_seconds += time.perf_counter() - track_start
-            if it % t.eval_interval == 0 or it == t.iters:
+            if evaluating and (it % t.eval_interval == 0 or it == t.iters):
                 last_eval = self.evaluate()
                 self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens,
                                   **self._evaluate_merge()}, kind="val")
