@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pma_train.checkpoint import layout  # noqa: E402
+from pma_train.metrics import read_metrics  # noqa: E402
 
 TRAIN = ["model=tiny", "train.iters=8", "checkpoint.interval=2", "train.log_interval=1", "train.eval_interval=100",
          "train.eval_iters=1", "train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_length=64",
@@ -168,13 +169,8 @@ def published_complete(root: Path) -> list[str]:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    """Newest train record per step (a resumed run logs the steps after its checkpoint again)."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("kind") == "train":
-            losses[record["step"]] = record["loss"]
-    return losses
+    """The run's train-loss history (a resumed run's records replace those it logs again)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", "train")}
 
 
 # ----------------------------------------------------------------------------- scenarios
