@@ -20,9 +20,10 @@ import torch
 
 # ----------------------------------------------------------------------------- the allow-list
 # Found by listing every GLOBAL / STACK_GLOBAL of every pickle in: pma-train checkpoints (tiny
-# dense fp32 at 1 rank, tiny MoE bf16 at EP=2 with dropout), a pma-merge output, and the Megatron-LM
-# GPTModel checkpoint of tests/gpt_checkpoint_writer.py (TP=2), all written by torch 2.14 and
-# megatron-core 0.19; plus what older writers and public Megatron-LM releases put there (marked).
+# dense fp32 at 1 rank, tiny MoE bf16 at EP=2 with dropout), a pma-merge output, the Megatron-LM
+# GPTModel checkpoint of tests/gpt_checkpoint_writer.py (TP=2) and a plain torch DCP checkpoint
+# (torch.distributed.checkpoint.save), all written by torch 2.14 and megatron-core 0.19; plus what
+# older writers and public Megatron-LM releases put there (marked "not seen").
 
 _DTYPES = frozenset(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype))
 # torch.save names a tensor's storage by its legacy typed class (torch.FloatStorage, ...).
@@ -49,6 +50,9 @@ METADATA_GLOBALS = frozenset({
     (f"{_DCP}.planner", "BytesIOWriteData"),  # not seen: byte entries of the same plans
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # how torch pickles torch.strided
+    # torch's own DCP writer records the checkpoint directory as a Path (megatron-core: a str)
+    ("pathlib", "PosixPath"),
+    ("pathlib._local", "PosixPath"),  # the same, pickled by Python >= 3.13
     ("collections", "OrderedDict"),
     # torch < 2.2 wrote TensorProperties from the sharded-tensor module (older Megatron-LM releases)
     ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"),
