@@ -168,6 +168,17 @@ def test_legitimate_checkpoints_pass(work):
         layout.check_loadable(ckpt)
 
 
+def test_chunk_headers_are_read_through_the_same_allow_list(work):
+    """dcp_io's header reader (merge, export) locates every chunk of a real checkpoint: no fallback."""
+    from pma_train.merge.dcp_io import CheckpointIndex, ChunkReader
+
+    index, reader = CheckpointIndex(work["root"] / "iter_0000004"), ChunkReader()
+    try:
+        assert all(reader._locate(chunk) is not None for entry in index.tensors.values() for chunk in entry.chunks)
+    finally:
+        reader.close()
+
+
 def test_archives_torch_load_would_read_otherwise_are_refused(tmp_path):
     with pytest.raises(UnsafePickleError) as err:
         check_pickle(pickle.dumps(RunsCode(tmp_path / "x")), OBJECT_GLOBALS)

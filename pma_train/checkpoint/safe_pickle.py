@@ -76,6 +76,11 @@ OBJECT_GLOBALS = TENSOR_GLOBALS | frozenset({
     ("_codecs", "encode"),  # how protocol 2 (torch.save) pickles the ndarray's bytes
     # common_state / common.pt: the run's args and scalars
     ("argparse", "Namespace"),
+    # not seen: sets (e.g. in args), spelled the Python 2 way by protocol 2 (torch.save), else builtins
+    ("__builtin__", "set"),
+    ("__builtin__", "frozenset"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
     # Not seen in our checkpoints: what public Megatron-LM releases hold in `args` and in the rerun
     # state machine's state (megatron.core.safe_globals.SAFE_GLOBALS, admitted by megatron-core's own
     # weights_only loads); all plain classes and enums.
