@@ -86,6 +86,7 @@ OBJECT_GLOBALS = TENSOR_GLOBALS | frozenset({
     # weights_only loads); all plain classes and enums.
     ("types", "SimpleNamespace"),
     ("pathlib", "PosixPath"),
+    ("pathlib._local", "PosixPath"),  # the same, pickled by Python >= 3.13
     ("signal", "Signals"),
     ("_io", "BytesIO"),
     ("torch._C", "Generator"),
@@ -107,7 +108,7 @@ class UnsafePickleError(pickle.UnpicklingError):
     def __init__(self, module: str, name: str):
         self.global_name = f"{module}.{name}"
         super().__init__(f"refused to unpickle {self.global_name}: not a type checkpoints are made of "
-                         "(a crafted checkpoint would run code here)")
+                         "(loading it could run code)")
 
 
 # ----------------------------------------------------------------------------- unpicklers

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
-from pma_train.checkpoint.safe_pickle import OBJECT_GLOBALS, TENSOR_GLOBALS, check_archive, load_metadata
+from pma_train.checkpoint.safe_pickle import (OBJECT_GLOBALS, TENSOR_GLOBALS, UnsafePickleError, check_archive,
+                                              load_metadata)
 
 
 class UnsafeCheckpointError(ValueError):
@@ -27,7 +27,7 @@ def read_metadata(ckpt_dir: str | Path):
     path = Path(ckpt_dir) / ".metadata"
     try:
         metadata = load_metadata(path)
-    except pickle.UnpicklingError as err:  # UnsafePickleError included: names the global
+    except UnsafePickleError as err:  # names the global
         raise UnsafeCheckpointError(f"{path}: {err}") from None
     except Exception as err:  # a crafted or corrupt pickle surfaces as many exception types
         raise UnsafeCheckpointError(f"{path} cannot be read: {err}") from None
@@ -128,7 +128,7 @@ def _vet_archive(fd: int, file: Path, offset: int, length: int, allowed: frozens
                                     f"({size} bytes): truncated or damaged")
     try:
         check_archive(fd, offset, length, allowed)
-    except pickle.UnpicklingError as err:  # UnsafePickleError included: names the global
+    except UnsafePickleError as err:  # names the global
         raise UnsafeCheckpointError(f"{file}{where}: {err}") from None
     except Exception as err:
         raise UnsafeCheckpointError(f"{file}{where} cannot be read: {err}") from None
