@@ -144,20 +144,20 @@ def test_check_refuses_every_payload_kind_in_process(work):
 
 
 def test_payloads_run_code_without_the_check(work, tmp_path):
-    """The payloads are live: torch's DCP reader and megatron-core's common-state loader run them."""
-    from megatron.core.dist_checkpointing import load_common_state_dict
-    from torch.distributed.checkpoint import FileSystemReader
+    """The payloads are live: torch's DCP reader runs them, from .metadata and from a byte entry read
+    the way megatron-core's load_common_state_dict reads its common state (a BytesIO destination:
+    torch.load(weights_only=False))."""
+    import torch.distributed.checkpoint as dcp
 
     marker = tmp_path / "ran"
     ckpt = copy_checkpoint(work["root"] / "iter_0000002", tmp_path / "a")
-    replace_entry(ckpt, marker, "common_state")
-    with pytest.raises(Exception):
-        load_common_state_dict(str(ckpt))
+    key = replace_entry(ckpt, marker, "common_state")
+    dcp.load({key: io.BytesIO()}, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
     assert marker.exists()
     marker.unlink()
     replace_metadata(ckpt, marker)
     with pytest.raises(Exception):
-        FileSystemReader(str(ckpt)).read_metadata()
+        dcp.FileSystemReader(str(ckpt)).read_metadata()
     assert marker.exists()
 
 
