@@ -67,6 +67,14 @@ def test_writer_saves_megatron_lm_gpt_layout(gpt):
     assert gpt["probe_loss"] < UNTRAINED - 1.5, gpt["probe_loss"]
 
 
+def test_it_passes_the_untrusted_checkpoint_check(gpt):
+    """Megatron-LM's pickles hold only what pma_train.checkpoint.safe_pickle admits."""
+    from pma_train.checkpoint.layout import check_loadable
+
+    for root in (gpt["root"], gpt["no_rng_root"]):
+        check_loadable(root)
+
+
 def test_hybrid_model_loads_it_at_tp1_and_tp2(gpt, cache, tmp_path):
     """load_checkpoint into a freshly built HybridModel gives the GPTModel's loss on the same batch."""
     out = tmp_path / "loaded.json"

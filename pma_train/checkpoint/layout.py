@@ -106,17 +106,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpt
 
 
+def read_metadata(ckpt_dir: str | Path):
+    """A checkpoint's DCP Metadata, unpickled with only the classes it is made of (never plain pickle)."""
+    from pma_train.checkpoint.untrusted import UnsafeCheckpointError, read_metadata
+
+    try:
+        return read_metadata(ckpt_dir)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(str(err)) from None
+
+
 def verify_complete(ckpt_dir: str | Path) -> None:
-    """Raise CheckpointError unless every data file the DCP metadata references is present and whole."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """Raise CheckpointError unless every data file the DCP metadata references is present and whole,
+    and every pickle in the checkpoint holds only what checkpoints are made of (safe to load: see
+    checkpoint/untrusted.py). Every path that loads a checkpoint calls this first."""
+    from pma_train.checkpoint.untrusted import UnsafeCheckpointError, vet_pickles
 
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / ".metadata").is_file():
         raise CheckpointError(f"{ckpt_dir} has no .metadata: not a torch_dist checkpoint, or truncated")
-    try:
-        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
-    except Exception as err:  # a corrupt pickle surfaces as many exception types
-        raise CheckpointError(f"{ckpt_dir / '.metadata'} cannot be read: {err}") from err
+    metadata = read_metadata(ckpt_dir)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         end = info.offset + info.length
@@ -128,6 +137,10 @@ def verify_complete(ckpt_dir: str | Path) -> None:
         if file.stat().st_size < size:
             raise CheckpointError(f"{ckpt_dir}: data file {name} is truncated "
                                   f"({file.stat().st_size} of {size} bytes)")
+    try:
+        vet_pickles(ckpt_dir, metadata)
+    except UnsafeCheckpointError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def check_loadable(path: str | Path) -> Path:
@@ -139,9 +152,7 @@ def check_loadable(path: str | Path) -> Path:
 
 def is_gpt_checkpoint(ckpt_dir: Path) -> bool:
     """Megatron-LM GPTModel checkpoints stack layers under one key: decoder.layers.<name> (no index)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata.keys()
+    keys = read_metadata(ckpt_dir).state_dict_metadata.keys()
     return any(k.startswith("decoder.layers.") and not k.split(".")[2].isdigit() for k in keys)
 
 

@@ -205,9 +205,7 @@ def read_train_state(ckpt_dir: str | Path) -> TrainState:
 
 def _has_rng_state(ckpt_dir: Path) -> bool:
     """Megatron-LM runs with --no-save-rng write no rng_state: then there is none to restore."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata.keys()
+    keys = layout.read_metadata(ckpt_dir).state_dict_metadata.keys()
     return any(k == "rng_state" or k.startswith("rng_state/") for k in keys)
 
 

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pma_train.cli.common import CONF_DIR, register_configs
-from pma_train.checkpoint.layout import CheckpointError, read_tracker
+from pma_train.checkpoint.layout import CheckpointError, read_tracker, verify_complete
 from pma_train.config import ConfigError, MergeConfig, validate_merge
 from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
 from pma_train.merge.select import sort_oldest_first
@@ -34,6 +34,8 @@ def selection(cfg: MergeConfig):
         inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration)
     weights = merge_weights(cfg.method, len(inputs), cfg.alpha, explicit, cfg.normalize,
                             cfg.allow_negative_weights, cfg.decay_shape)
+    for info in inputs:  # complete and safe to load, before any process group
+        verify_complete(info.path)
     return inputs, weights, note
 
 

@@ -23,6 +23,8 @@ def check_checkpoints(job: JobConfig) -> None:
                 check_loadable(path)
             except CheckpointError as err:
                 raise CheckpointError(f"{name}: {err}") from None
+    if c.init_merge.root is not None:
+        _check_init_merge(job)
     if c.load is None and list_iterations(c.dir):
         try:
             check_loadable(c.dir)
@@ -42,6 +44,18 @@ def check_checkpoints(job: JobConfig) -> None:
         raise CheckpointError(f"checkpoint.load: {check_loadable(resume)} is a GPTModel checkpoint (Megatron-LM); "
                               "its optimizer state is keyed for GPTModel: start from its weights with "
                               "checkpoint.init_from, or resume without optimizer (checkpoint.no_load_optim=true)")
+
+
+def _check_init_merge(job: JobConfig) -> None:
+    """The checkpoints PMA-init will average exist, are complete and safe to load."""
+    from pma_train.merge.select import SelectionError, select_spaced
+
+    m = job.checkpoint.init_merge
+    try:
+        for info in select_spaced(m.root, m.n, m.v_tokens, m.v_iterations, m.end_iteration):
+            check_loadable(info.path)
+    except (SelectionError, CheckpointError) as err:
+        raise CheckpointError(f"checkpoint.init_merge: {err}") from None
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

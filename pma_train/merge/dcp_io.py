@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -28,6 +27,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from pma_train.checkpoint.layout import CheckpointError, read_metadata
+from pma_train.checkpoint.safe_pickle import TENSOR_GLOBALS, FileSlice, RestrictedUnpickler, UnsafePickleError
 
 OPTIMIZER_PREFIX = "optimizer."
 
@@ -66,7 +68,7 @@ class CheckpointIndex:
 
     def __init__(self, ckpt_dir: str | Path):
         self.dir = Path(ckpt_dir)
-        self.metadata: Metadata = FileSystemReader(str(self.dir)).read_metadata()
+        self.metadata: Metadata = read_metadata(self.dir)  # restricted unpickler: never runs code
         self.tensors: dict[str, TensorEntry] = {}
         self.byte_keys: list[str] = []
         for key, md in self.metadata.state_dict_metadata.items():
@@ -104,34 +106,6 @@ def _itemsize(dtype: torch.dtype) -> int:
 # ----------------------------------------------------------------------------- reading
 
 
-class _FileSlice(io.RawIOBase):
-    """A read-only window [start, start+length) of an open file, for zipfile."""
-
-    def __init__(self, fd: int, start: int, length: int):
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer) -> int:
-        count = max(0, min(len(buffer), self.length - self.pos))
-        data = os.pread(self.fd, count, self.start + self.pos)
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
 @dataclass(frozen=True)
 class _Located:
     data_offset: int  # absolute file offset of element 0 of the chunk
@@ -144,21 +118,17 @@ class _TensorRecord:
         self.storage, self.storage_offset, self.size, self.stride = storage, storage_offset, tuple(size), tuple(stride)
 
 
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Reads a torch.save archive's data.pkl without touching tensor data."""
+class _ArchiveUnpickler(RestrictedUnpickler):
+    """Reads a torch.save archive's data.pkl (a tensor chunk's header) without touching tensor data."""
 
-    def find_class(self, module, name):
+    allowed = TENSOR_GLOBALS
+
+    def resolve(self, module, name):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _TensorRecord
-        if module == "torch" and name.endswith("Storage"):
+        if name.endswith("Storage"):
             return name
-        if (module, name) == ("collections", "OrderedDict"):
-            import collections
-
-            return collections.OrderedDict
-        if module == "torch" and hasattr(torch, name) and isinstance(getattr(torch, name), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"unexpected {module}.{name} in a checkpoint chunk")
+        return super().resolve(module, name)  # dtypes, OrderedDict
 
     def persistent_load(self, pid):
         # ('storage', storage_type, key, location, numel)
@@ -209,9 +179,11 @@ class ChunkReader:
         """Where the chunk's elements start in the file; None if the archive is not a plain tensor."""
         fd = self._fd(chunk.file)
         try:
-            archive = zipfile.ZipFile(_FileSlice(fd, chunk.offset, chunk.length))
+            archive = zipfile.ZipFile(FileSlice(fd, chunk.offset, chunk.length))
             pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
             record = _ArchiveUnpickler(io.BytesIO(archive.read(pkl))).load()
+        except UnsafePickleError as err:  # never falls back to torch.load for these
+            raise CheckpointError(f"{chunk.file} (chunk at byte {chunk.offset}): {err}") from None
         except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, KeyError):
             return None
         if not isinstance(record, _TensorRecord) or record.size != chunk.sizes:

@@ -39,6 +39,7 @@ def _megatron_tokens(ckpt: Path) -> int | None:
     """consumed_train_samples * seq_length from a Megatron-LM checkpoint's args, if readable."""
     if not (ckpt / "metadata.json").is_file() and not (ckpt / "common.pt").is_file():
         return None  # not written by megatron: no args to read (and no need to import megatron)
+    layout.verify_complete(ckpt)  # megatron-core unpickles the common state with plain pickle
     try:
         from megatron.core.dist_checkpointing import load_common_state_dict
 
