@@ -103,10 +103,13 @@ def test_a_resumed_logger_ends_a_torn_last_line(tmp_path):
 
 
 def _fake_checkpoint(root, iteration, extra=None):
-    """Enough of a checkpoint for selection and origin checks (they read the side-car only)."""
+    """A small real torch_dist checkpoint (one tensor, torch's own DCP writer) with our side-car."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
     ckpt = root / layout.iter_dir_name(iteration)
     ckpt.mkdir(parents=True)
-    (ckpt / ".metadata").write_bytes(b"")
+    save({"w": torch.full((4,), float(iteration))}, storage_writer=FileSystemWriter(str(ckpt)), no_dist=True)
     (ckpt / "pma_train.json").write_text(json.dumps({"iteration": iteration, "consumed_tokens": 100 * iteration,
                                                      "extra": extra or {}}))
     return ckpt
