@@ -15,6 +15,8 @@ run id, command, start time) for the error message, and settles what flock canno
   a requeue of the same Slurm job (same SLURM_JOB_ID: its predecessor no longer runs);
 - file systems without flock (ENOLCK / EOPNOTSUPP / ENOSYS, e.g. Lustre mounted without `flock`):
   the record alone decides, created with O_EXCL, a same-host owner judged by whether its pid lives.
+On NFS, flock is emulated with POSIX locks, which a process drops when it closes *any* descriptor
+of the file: the holder never opens the lock file again while it holds it.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def disk_full_message(err: BaseException, target: Path, root: Path, need: int | None = None) -> str | None:
-    """One line for a failed write of `target` (already removed) that found the disk full; None when
+    """One line for a failed write of `target` (removed by the caller) that found the disk full; None when
     it failed for another reason. megatron's writer threads keep only the type of their error, so a
     file system that cannot hold `need` bytes even now, with the partial output gone, counts as full."""
     try:
@@ -104,5 +104,5 @@ def disk_full_message(err: BaseException, target: Path, root: Path, need: int | 
     except CheckpointError:
         latest = None
     kept = f"; {layout.TRACKER_FILE} still names iteration {latest}" if latest is not None else ""
-    return (f"disk full (no space left on device, or quota exceeded) while writing {target}: {room} on the "
-            f"file system of {root} with the partial output removed{wanted}{kept}")
+    return (f"disk full (no space left on device, or quota exceeded) while writing {target} ({room} on the "
+            f"file system of {root}{wanted}); the partial output is removed{kept}")
