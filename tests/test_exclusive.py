@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pma_train.checkpoint import layout
-from pma_train.checkpoint.lock import LOCK_FILE
+from pma_train.checkpoint.lock import LOCK_FILE, LockError, Owner, acquire
 from tests import launch
 from tests.launch import REPO, train
 from tests.test_merge import merge_cli, synthetic
@@ -69,6 +69,35 @@ def temporaries(root: Path) -> list[str]:
 
 def digest(ckpt: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ckpt.iterdir())}
+
+
+# ----------------------------------------------------------------------------- the lock itself
+
+
+def test_lock_names_its_holder_and_a_foreign_host_lock_needs_force(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    held = acquire(tmp_path, Owner.this_process())
+    with pytest.raises(LockError, match=f"is in use by pid {os.getpid()} on host {socket.gethostname()}"):
+        acquire(tmp_path, Owner.this_process())
+    held.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+    # A record another host left behind: its liveness cannot be checked from here.
+    foreign = {**Owner.this_process().__dict__, "host": "node17", "pid": 4242, "slurm_job_id": "81234"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(foreign))
+    with pytest.raises(LockError, match=r"pid 4242 on host node17 .* cannot tell whether that job still runs; "
+                                        r"if it does not, rerun with checkpoint.force_unlock=true \(or delete"):
+        acquire(tmp_path, Owner.this_process(), override="checkpoint.force_unlock=true")
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "node17"  # refused: left as it was
+    forced = acquire(tmp_path, Owner.this_process(), force=True, override="checkpoint.force_unlock=true")
+    assert "taking over the lock of pid 4242 on host node17" in forced.note and "forced" in forced.note
+    forced.release()
+    # ... but a requeued Slurm job (same job id, another node) is that job's own successor.
+    (tmp_path / LOCK_FILE).write_text(json.dumps(foreign))
+    monkeypatch.setenv("SLURM_JOB_ID", "81234")
+    requeued = acquire(tmp_path, Owner.this_process())
+    assert "an earlier run of this Slurm job (81234)" in requeued.note
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    requeued.release()
 
 
 # ----------------------------------------------------------------------------- pma-train
