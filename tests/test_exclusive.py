@@ -106,7 +106,7 @@ def test_lock_names_its_holder_and_a_foreign_host_lock_needs_force(tmp_path, mon
 def test_second_job_stops_at_once_naming_the_first_and_a_killed_jobs_lock_is_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
-    first = start_train(run_dir, ["train.iters=40"])
+    first = start_train(run_dir, ["train.iters=12"])
     # Freeze the first job in the middle of a save: the moment a second job used to delete its temporary.
     wait_for(lambda: layout.read_tracker(ckpt) and any(p.is_dir() for p in ckpt.glob(".tmp-iter_*")), first,
              "a save in flight after a published one")
@@ -115,7 +115,7 @@ def test_second_job_stops_at_once_naming_the_first_and_a_killed_jobs_lock_is_tak
         in_flight = temporaries(ckpt)
         # Two ranks: both stop (rank 1 does not wait for rank 0 in a collective), one message;
         # the job's status is torchrun's (1), a single process exits with 3.
-        second = train_tiny(run_dir, ["train.iters=40", "train.micro_batch_size=1"], nproc=2, check=False, timeout=300)
+        second = train_tiny(run_dir, ["train.iters=12", "train.micro_batch_size=1"], nproc=2, check=False, timeout=300)
         assert second.returncode != 0 and "exitcode  : 3" in second.output, second.output[-3000:]
         assert f"is in use by pid {first.pid} on host {socket.gethostname()}" in second.output, second.output[-3000:]
         assert second.output.count("is in use by") == 1
@@ -129,11 +129,11 @@ def test_second_job_stops_at_once_naming_the_first_and_a_killed_jobs_lock_is_tak
     assert lock_owner(ckpt) == first.pid
     latest = layout.read_tracker(ckpt)
     assert latest >= 2
-    rerun = train_tiny(run_dir, ["train.iters=40"], nproc=None, timeout=300)
+    rerun = train_tiny(run_dir, ["train.iters=12"], nproc=None, timeout=300)
     assert f"taking over the lock of pid {first.pid} on host {socket.gethostname()}" in rerun.output, rerun.output[-3000:]
     assert "that process no longer runs" in rerun.output
     assert f"start iteration {latest}" in rerun.output
-    assert layout.read_tracker(ckpt) == 40
+    assert layout.read_tracker(ckpt) == 12
     for iteration in layout.list_iterations(ckpt):
         layout.verify_complete(ckpt / layout.iter_dir_name(iteration))
     assert temporaries(ckpt) == [] and not (ckpt / LOCK_FILE).exists()  # released at exit
