@@ -131,17 +131,20 @@ def acquire(root: str | Path, owner: Owner, force: bool = False, override: str =
     raise LockError(f"{path}: the lock changed hands 10 times while this job tried to take it")
 
 
-def acquire_on_rank0(root: str | Path, owner: Owner, force: bool, override: str) -> RootLock | None:
-    """acquire() on global rank 0; every rank raises the same LockError if it fails (no rank is left
-    waiting in a collective). Call right after the process group starts, before the root is touched."""
+def acquire_on_rank0(root: str | Path, force: bool, override: str, tool: str) -> RootLock | None:
+    """acquire() for this process on global rank 0 (a stale lock's takeover printed, as `tool`); every
+    rank raises the same LockError if it fails (no rank is left waiting in a collective). Call right
+    after the process group starts, before the root is touched."""
     import torch.distributed as dist
 
     lock, error = None, None
     if dist.get_rank() == 0:
         try:
-            lock = acquire(root, owner, force, override)
+            lock = acquire(root, Owner.this_process(), force, override)
         except LockError as err:
             error = str(err)
+        if lock is not None and lock.note:
+            print(f"{tool}: {root}: {lock.note}", file=sys.stderr, flush=True)
     verdict = [error]
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:

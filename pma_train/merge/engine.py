@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pma_train.checkpoint import layout, space
-from pma_train.checkpoint.lock import Owner, RootLock, acquire_on_rank0
+from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
     OPTIMIZER_PREFIX,
     CheckpointIndex,
@@ -198,7 +198,7 @@ def run_merge(request: MergeRequest) -> MergeSummary:
 def _claim_output(request: MergeRequest) -> RootLock | None:
     """Rank 0 locks the output root (every rank fails alike if it cannot), then, as its only writer,
     removes whatever killed merges or jobs left there, whichever checkpoint they were writing."""
-    lock = acquire_on_rank0(request.output_root, Owner.this_process(), request.force_unlock, "force_unlock=true")
+    lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
     final = request.output_root / layout.iter_dir_name(request.inputs[-1].iteration)
     refusal = [None]
     if lock is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from argparse import Namespace
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout
-from pma_train.checkpoint.lock import Owner, acquire_on_rank0
+from pma_train.checkpoint.lock import acquire_on_rank0
 from pma_train.checkpoint.retention import prune
 from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
 from pma_train.config import ConfigError, JobConfig, track_spacing_iters, validate
@@ -51,10 +50,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = Path(cfg.checkpoint.dir)
         # Before anything touches the root (a second job would delete this one's in-flight save).
-        self.ckpt_lock = acquire_on_rank0(self.ckpt_root, Owner.this_process(), cfg.checkpoint.force_unlock,
-                                          "checkpoint.force_unlock=true")
-        if self.ckpt_lock is not None and self.ckpt_lock.note:
-            print(f"pma-train: {self.ckpt_root}: {self.ckpt_lock.note}", file=sys.stderr, flush=True)
+        self.ckpt_lock = acquire_on_rank0(self.ckpt_root, cfg.checkpoint.force_unlock, "checkpoint.force_unlock=true",
+                                          "pma-train")
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             layout.remove_stale_temporaries(self.ckpt_root)
