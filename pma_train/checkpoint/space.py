@@ -41,8 +41,10 @@ def state_dict_bytes(state: dict) -> int:
 
     total = 0
     for value in nested_values(state):
-        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and is_main_replica(value.replica_id):
-            total += value.data.numel() * value.data.element_size()
+        data = getattr(value, "data", None)
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and data is not None \
+                and is_main_replica(value.replica_id):
+            total += data.numel() * data.element_size()
     return total
 
 
