@@ -163,6 +163,12 @@ class CheckpointConfig:
     no_load_optim: bool = False
     init_merge: InitMergeConfig = field(default_factory=InitMergeConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    # One job writes `dir` at a time (lock file <dir>/.pma-lock). Take over a lock that another host
+    # left behind (that host's job must no longer run: this host cannot check).
+    force_unlock: bool = False
+    # Before each save, stop with a clear error unless the file system has room for a checkpoint
+    # (the previous one's size). Off where free space is not what limits you (per-user quotas).
+    check_free_space: bool = True
 
 
 @dataclass
@@ -571,6 +577,9 @@ class MergeConfig(MergeWeighting):
     # Output checkpoint root: <output>/iter_XXXXXXX (the newest input's iteration) + latest tracker.
     output: Optional[str] = None
     overwrite: bool = False
+    # One merge writes `output` at a time (lock file <output>/.pma-lock); take over a lock another
+    # host left behind (that host's merge must no longer run: this host cannot check).
+    force_unlock: bool = False
     # Per-rank memory for merge buffers; pieces of tensors are sized to fit.
     memory_budget_mb: int = 256
     # Accumulation precision fp32 | fp64; output dtype: "input" keeps each tensor's dtype.

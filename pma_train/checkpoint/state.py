@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import uuid
 from argparse import Namespace
 from dataclasses import asdict, dataclass, field
@@ -21,8 +22,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
@@ -162,28 +164,77 @@ def _unshare_adam_steps(optimizer) -> None:
 
 
 def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
-                    args: Namespace | None = None, sidecar: dict | None = None) -> Path:
-    """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete."""
+                    args: Namespace | None = None, sidecar: dict | None = None, check_space: bool = True) -> Path:
+    """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete.
+
+    With check_space, a save that cannot fit on root's file system stops before writing; a full
+    disk met anyway removes the partial temporary and raises DiskFullError on every rank."""
     root = Path(root)
     rank = dist.get_rank()
-    token = [uuid.uuid4().hex[:8] if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    tmp = layout.temporary_dir(root, train_state.iteration, token[0])
+    state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False)
+    sizes = [0] * dist.get_world_size()
+    dist.all_gather_object(sizes, space.state_dict_bytes(state))
+    verdict = [_start_save(root, sum(sizes), check_space) if rank == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)
+    token, need, refusal = verdict[0]
+    if refusal is not None:
+        raise space.DiskFullError(refusal)
+    tmp = layout.temporary_dir(root, train_state.iteration, token)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     dist.barrier()
-    state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False)
-    dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
-    dist.barrier()
+    try:
+        dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
+    except (Exception, CheckpointException) as err:  # raised on every rank when any rank's write fails
+        _abandon_save(err, tmp, root, rank, need)
     final = root / layout.iter_dir_name(train_state.iteration)
-    if rank == 0:
+    failure = [_publish_save(tmp, final, root, train_state, sidecar, need) if rank == 0 else None]
+    # A broadcast, not a barrier: every rank learns of a failure on rank 0 instead of waiting forever.
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        full, message = failure[0]
+        raise space.DiskFullError(message) if full else CheckpointError(f"saving {final}: {message}")
+    return final
+
+
+def _publish_save(tmp: Path, final: Path, root: Path, train_state: TrainState, sidecar: dict | None, need: int):
+    """Rank 0: sidecar, completeness check, publish, tracker; None, or (disk full?, message) on failure."""
+    try:
         (tmp / SIDE_CAR).write_text(json.dumps({**asdict(train_state), **(sidecar or {})}, indent=2, default=str))
         layout.verify_complete(tmp)
         layout.publish(tmp, final)
         layout.write_tracker(root, train_state.iteration)
-    dist.barrier()
-    return final
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = space.disk_full_message(err, tmp, root, need)
+        return (True, full) if full else (False, f"{type(err).__name__}: {err}")
+    return None
+
+
+def _start_save(root: Path, estimate_bytes: int, check_space: bool) -> tuple[str | None, int, str | None]:
+    """Rank 0: (token of the temporary, bytes the save needs, None), or (None, need, why it must not start)."""
+    need = 0
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        need, basis = space.expected_need(root, estimate_bytes)
+        if check_space:
+            space.check_room(root, need, basis)
+    except (OSError, CheckpointError) as err:
+        return None, need, str(err) if isinstance(err, CheckpointError) else f"checkpoint.dir: {root}: {err}"
+    return uuid.uuid4().hex[:8], need, None
+
+
+def _abandon_save(err: BaseException, tmp: Path, root: Path, rank: int, need: int) -> None:
+    """Remove the partial temporary (`latest` still names the previous checkpoint) and raise on every
+    rank: a DiskFullError naming the path when the disk filled up (rank 0 judges, from its file system)."""
+    message = [None]
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        message = [space.disk_full_message(err, tmp, root, need)]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise space.DiskFullError(message[0]) from err
+    raise err
 
 
 def read_train_state(ckpt_dir: str | Path) -> TrainState:

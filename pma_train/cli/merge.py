@@ -66,6 +66,7 @@ def _run(node: DictConfig) -> None:
 
     import torch.distributed as dist
 
+    from pma_train.checkpoint.lock import LockError
     from pma_train.merge.engine import MergeError, MergeRequest, run_merge
     from pma_train.platform import init_process_group
 
@@ -79,14 +80,15 @@ def _run(node: DictConfig) -> None:
                            decay_shape=cfg.decay_shape if cfg.method == "decay" else None,
                            budget_bytes=cfg.memory_budget_mb * 2**20, accumulate=cfg.accumulate_dtype,
                            output_dtype=cfg.output_dtype, carry_optimizer=cfg.carry_optimizer,
-                           overwrite=cfg.overwrite, progress=cfg.progress_bar and sys.stderr.isatty())
+                           overwrite=cfg.overwrite, progress=cfg.progress_bar and sys.stderr.isatty(),
+                           force_unlock=cfg.force_unlock)
     if rank0:
         print_selection(inputs, weights, note)
     try:
         summary = run_merge(request)
-    except (MergeError, CheckpointError) as err:
+    except (MergeError, CheckpointError, LockError) as err:
         dist.destroy_process_group()
-        _fail(str(err), code=1)
+        _fail(str(err), code=3 if isinstance(err, LockError) else 1)
     if rank0:
         print(f"merged {len(inputs)} checkpoints ({cfg.method}) into {summary.output}: "
               f"read {summary.bytes_read / 2**30:.3f} GiB in {summary.seconds:.2f} s "

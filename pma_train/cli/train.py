@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -70,11 +71,22 @@ def _run(cfg: DictConfig) -> None:
     except (ConfigError, CheckpointError, PlatformError) as err:
         print(f"pma-train: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    from pma_train.checkpoint.lock import LockError
+    from pma_train.checkpoint.space import DiskFullError
+    from pma_train.parallel import destroy_distributed
     from pma_train.train.trainer import Trainer
 
-    Trainer(job).train()
-    from pma_train.parallel import destroy_distributed
-
+    try:
+        trainer = Trainer(job)
+        trainer.train()
+    except (LockError, DiskFullError) as err:
+        # Raised on every rank alike: one line from rank 0, and no rank left waiting for another.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pma-train: error: {err}", file=sys.stderr, flush=True)
+        destroy_distributed()
+        raise SystemExit(3 if isinstance(err, LockError) else 1) from None
+    if trainer.ckpt_lock is not None:
+        trainer.ckpt_lock.release()
     destroy_distributed()
 
 

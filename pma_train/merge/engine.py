@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, space
+from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
     OPTIMIZER_PREFIX,
     CheckpointIndex,
@@ -58,6 +59,7 @@ class MergeRequest:
     carry_optimizer: bool = False
     overwrite: bool = False
     progress: bool = True
+    force_unlock: bool = False  # take over a lock another host left on output_root
 
 
 @dataclass
@@ -153,6 +155,8 @@ def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], d
     for info in request.inputs:
         if info.path.resolve() == final.resolve():
             raise MergeError(f"output: {final} is one of the inputs")
+        if request.output_root.resolve().is_relative_to(info.path.resolve()):
+            raise MergeError(f"output: {request.output_root} is inside the input checkpoint {info.path}")
     if final.exists() and not request.overwrite:
         raise MergeError(f"output: {final} exists (pass overwrite=true to replace it)")
     indexes = [CheckpointIndex(info.path) for info in request.inputs]
@@ -183,13 +187,40 @@ def run_merge(request: MergeRequest) -> MergeSummary:
     accumulate = DTYPES[request.accumulate]
     pieces = plan_pieces(indexes, keys, request.budget_bytes, accumulate, out_dtype)
     mine = assign(pieces, world)[rank]
+    lock = _claim_output(request)
+    try:
+        return _merge_locked(request, indexes, keys, out_dtype, accumulate, pieces, mine)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _claim_output(request: MergeRequest) -> RootLock | None:
+    """Rank 0 locks the output root (every rank fails alike if it cannot), then, as its only writer,
+    removes whatever killed merges or jobs left there, whichever checkpoint they were writing."""
+    lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
+    final = request.output_root / layout.iter_dir_name(request.inputs[-1].iteration)
+    refusal = [None]
+    if lock is not None:
+        if final.exists() and not request.overwrite:  # published by another merge since _prepare
+            refusal = [f"output: {final} exists (pass overwrite=true to replace it)"]
+        else:
+            layout.remove_stale_temporaries(request.output_root)
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        if lock is not None:
+            lock.release()
+        raise MergeError(refusal[0])
+    return lock
+
+
+def _merge_locked(request: MergeRequest, indexes, keys, out_dtype, accumulate, pieces, mine) -> MergeSummary:
+    rank, world = dist.get_rank(), dist.get_world_size()
     token = [uuid.uuid4().hex[:8] if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
     newest = request.inputs[-1]
     tmp = request.output_root / f"{TMP_PREFIX}{layout.iter_dir_name(newest.iteration)}.{token[0]}"
     if rank == 0:
-        _remove_leftovers(request.output_root, newest.iteration)
         tmp.mkdir(parents=True)
     dist.barrier()
 
@@ -204,7 +235,8 @@ def run_merge(request: MergeRequest) -> MergeSummary:
                                                                            out_dtype[piece.key], progress))
             writer.close()
     except Exception as err:  # reported collectively below, so no rank hangs in a barrier
-        error = f"{type(err).__name__}: {err}" if not isinstance(err, MergeError) else str(err)
+        error = space.disk_full_message(err, tmp, request.output_root) or (
+            f"{type(err).__name__}: {err}" if not isinstance(err, MergeError) else str(err))
         rss = None
     finally:
         progress.close()
@@ -230,13 +262,17 @@ def run_merge(request: MergeRequest) -> MergeSummary:
         ranks=world, pieces=len(pieces),
         per_rank=[{k: r[k] for k in ("rank", "bytes_read", "seconds", "pieces", "peak_rss", "rss_growth")} for r in reports])
     summary.read_gbps = summary.bytes_read / max(summary.seconds, 1e-9) / 1e9
+    failure = [None]
     if rank == 0:
         try:
             _finish(request, indexes, keys, out_dtype, tmp, [t for r in reports for t in r["tensors"]], summary)
-        except Exception:
+        except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    dist.barrier()
+            failure = [space.disk_full_message(err, tmp, request.output_root) or f"{type(err).__name__}: {err}"]
+    # A broadcast, not a barrier: the other ranks learn of a failure on rank 0 instead of waiting.
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise MergeError(failure[0])
     return summary
 
 
@@ -255,13 +291,6 @@ def _strips(piece: Piece, entries: list[TensorEntry]):
         sub = Piece(piece.key, (piece.offsets[0] + start, *piece.offsets[1:]), (count, *piece.sizes[1:]),
                     piece.nbytes * count // piece.sizes[0])
         yield slice(start, start + count), sub
-
-
-def _remove_leftovers(output_root: Path, iteration: int) -> None:
-    """Temporaries of an earlier, killed merge into this very output checkpoint."""
-    if output_root.is_dir():
-        for path in output_root.glob(f"{TMP_PREFIX}{layout.iter_dir_name(iteration)}.*"):
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, progress) -> torch.Tensor:

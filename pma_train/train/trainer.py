@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout
+from pma_train.checkpoint.lock import acquire_on_rank0
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
 from pma_train.checkpoint.retention import prune
 from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
@@ -49,6 +50,9 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = Path(cfg.checkpoint.dir)
+        # Before anything touches the root (a second job would delete this one's in-flight save).
+        self.ckpt_lock = acquire_on_rank0(self.ckpt_root, cfg.checkpoint.force_unlock, "checkpoint.force_unlock=true",
+                                          "pma-train")
         if self.rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             layout.remove_stale_temporaries(self.ckpt_root)
@@ -344,7 +348,8 @@ class Trainer:
 
     def save(self) -> Path:
         path = save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,
-                               self.scheduler, self.state, megatron_args(self.cfg, self.state, self.tokenizer.vocab_size))
+                               self.scheduler, self.state, megatron_args(self.cfg, self.state, self.tokenizer.vocab_size),
+                               check_space=self.cfg.checkpoint.check_free_space)
         if self.cfg.checkpoint.retention.enabled and self.rank0:
             self._prune()
         return path
