@@ -14,7 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, rng
 from pma_train.checkpoint.retention import prune
 from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
 from pma_train.config import ConfigError, JobConfig, track_spacing_iters, validate
@@ -65,6 +65,9 @@ class Trainer:
             self.optimizer, cfg.schedule, cfg.train, self.tokens_per_iter)
         self.log_lines: list[str] = []
         self.state = self._load_initial_state()
+        # What is built from here on draws random numbers (data loader seeds) that an uninterrupted
+        # run drew before its checkpoint: undone at the end, so a resumed run steps on exactly.
+        loaded_rng = rng.capture()
 
         t = cfg.train
         self.train_ds, self.valid_ds = build_datasets(
@@ -85,6 +88,7 @@ class Trainer:
         self.moe_metrics = MoEMetrics(self.model, self.model_config, cfg.model.pattern(),
                                       cfg.parallel.sequence_parallel) if cfg.model.num_experts else None
         self._spike_steps_left: int | None = None
+        rng.restore(loaded_rng)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -239,6 +243,7 @@ class Trainer:
         return StepResult(loss, float(grad_norm or 0.0), lr, not updated, seconds)
 
     @torch.no_grad()
+    @rng.preserved()  # training's random streams are the same however often it evaluates
     def evaluate(self) -> float:
         for chunk in self.model:
             chunk.eval()
