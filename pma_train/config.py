@@ -585,7 +585,7 @@ class MergeConfig(MergeWeighting):
     # Accumulation precision fp32 | fp64; output dtype: "input" keeps each tensor's dtype.
     accumulate_dtype: str = "fp32"
     output_dtype: str = "input"
-    # Copy the newest input's optimizer state so training can resume with its moments.
+    # Carry the optimizer state so training resumes from the merge: main params merged, moments of the newest input.
     carry_optimizer: bool = False
     # Print the selection and weights, merge nothing.
     dry_run: bool = False

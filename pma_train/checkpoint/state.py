@@ -9,7 +9,6 @@ under another TP / PP layout re-shards weights and the (fully reshardable) optim
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import uuid
 from argparse import Namespace
@@ -17,14 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import layout, space
+from pma_train.checkpoint import layout, rng, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
@@ -62,30 +59,6 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)
 
 
-def _rng_sharded_object() -> ShardedObject:
-    state = {
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
-    return ShardedObject("rng_state", [state], (pp, tp),
-                         (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
-                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
-
-
-def _restore_rng(states: list[dict]) -> None:
-    state = states[0]
-    random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
-    torch.set_rng_state(state["torch_rng_state"])
-    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
-
-
 def build_state_dict(chunks, optimizer, scheduler, train_state: TrainState, args: Namespace | None,
                      is_loading: bool, with_rng: bool = True) -> dict:
     state = model_sharded_state_dict(chunks)
@@ -96,7 +69,7 @@ def build_state_dict(chunks, optimizer, scheduler, train_state: TrainState, args
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
-        state["rng_state"] = _rng_sharded_object()
+        state["rng_state"] = rng.sharded_object()
     state["iteration"] = train_state.iteration
     state["checkpoint_version"] = CHECKPOINT_VERSION
     state["pma_train"] = asdict(train_state)
@@ -302,7 +275,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if with_rng and "rng_state" in loaded:
-        _restore_rng(loaded["rng_state"])
+        rng.restore_saved(loaded["rng_state"])
     return train_state
 
 

@@ -34,6 +34,7 @@ from pma_train.merge.dcp_io import (
 )
 from pma_train.merge.plan import Piece, PlanError, assign, check_compatible, plan_pieces
 from pma_train.merge.select import CheckpointInfo
+from pma_train.merge.sources import Source, plan_sources
 from pma_train.rss import PeakRss
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,7 +146,7 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], dict]:
+def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], dict, dict[str, Source]]:
     """Every check that can fail before anything is written."""
     if len(request.weights) != len(request.inputs):
         raise MergeError(f"{len(request.weights)} weights for {len(request.inputs)} inputs")
@@ -177,19 +178,24 @@ def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], d
         dtype = indexes[-1].tensors[key].dtype
         fixed = request.output_dtype != "input" and dtype.is_floating_point and not key.startswith(OPTIMIZER_PREFIX)
         out_dtype[key] = DTYPES[request.output_dtype] if fixed else dtype
-    return indexes, keys, out_dtype
+    try:
+        sources = plan_sources(indexes, keys, request.carry_optimizer)
+    except PlanError as err:
+        raise MergeError(str(err)) from None
+    return indexes, keys, out_dtype, sources
 
 
 def run_merge(request: MergeRequest) -> MergeSummary:
     """Merge on every rank of the default process group (gloo is enough); returns the summary."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    indexes, keys, out_dtype = _prepare(request)
+    indexes, keys, out_dtype, sources = _prepare(request)
     accumulate = DTYPES[request.accumulate]
-    pieces = plan_pieces(indexes, keys, request.budget_bytes, accumulate, out_dtype)
+    pieces = plan_pieces(indexes, keys, request.budget_bytes, accumulate, out_dtype,
+                         {k: s.keys for k, s in sources.items()})
     mine = assign(pieces, world)[rank]
     lock = _claim_output(request)
     try:
-        return _merge_locked(request, indexes, keys, out_dtype, accumulate, pieces, mine)
+        return _merge_locked(request, indexes, keys, out_dtype, sources, accumulate, pieces, mine)
     finally:
         if lock is not None:
             lock.release()
@@ -214,7 +220,8 @@ def _claim_output(request: MergeRequest) -> RootLock | None:
     return lock
 
 
-def _merge_locked(request: MergeRequest, indexes, keys, out_dtype, accumulate, pieces, mine) -> MergeSummary:
+def _merge_locked(request: MergeRequest, indexes, keys, out_dtype, sources, accumulate, pieces,
+                  mine) -> MergeSummary:
     rank, world = dist.get_rank(), dist.get_world_size()
     token = [uuid.uuid4().hex[:8] if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
@@ -232,7 +239,8 @@ def _merge_locked(request: MergeRequest, indexes, keys, out_dtype, accumulate, p
         with PeakRss() as rss:
             for piece in mine:
                 writer.write_tensor(piece.key, piece.offsets, _merge_piece(reader, indexes, request, piece, accumulate,
-                                                                           out_dtype[piece.key], progress))
+                                                                           out_dtype[piece.key], progress,
+                                                                           sources[piece.key]))
             writer.close()
     except Exception as err:  # reported collectively below, so no rank hangs in a barrier
         error = space.disk_full_message(err, tmp, request.output_root) or (
@@ -293,11 +301,12 @@ def _strips(piece: Piece, entries: list[TensorEntry]):
         yield slice(start, start + count), sub
 
 
-def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, progress) -> torch.Tensor:
-    entries = [index.tensors[piece.key] for index in indexes]
+def _merge_piece(reader, indexes, request, piece: Piece, accumulate, out_dtype, progress,
+                 source: Source) -> torch.Tensor:
+    entries = [index.tensors[read] for index, read in zip(indexes, source.keys)]
     newest = entries[-1]
     # Optimizer moments (carried) and integer buffers are copied from the newest input, never averaged.
-    if piece.key.startswith(OPTIMIZER_PREFIX) or not newest.dtype.is_floating_point:
+    if not source.merge or not newest.dtype.is_floating_point:
         acc = torch.zeros(piece.sizes, dtype=torch.float64 if newest.dtype.is_floating_point else newest.dtype)
         if newest.dtype.is_floating_point:
             _accumulate(reader, newest, piece, acc, 1.0, str(request.inputs[-1].path), check=True)
@@ -349,7 +358,8 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
         "inputs": [{"path": str(i.path), "iteration": i.iteration, "consumed_tokens": i.consumed_tokens, "weight": w}
                    for i, w in zip(request.inputs, request.weights)],
         "accumulate_dtype": request.accumulate, "output_dtype": request.output_dtype,
-        "optimizer_state": "carried from the newest input" if request.carry_optimizer else "dropped",
+        "optimizer_state": ("carried: main parameters merged (model weights cast from them), moments and step "
+                            "from the newest input") if request.carry_optimizer else "dropped",
         "summary": {k: v for k, v in asdict(summary).items() if k != "per_rank"},
     }
     (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))

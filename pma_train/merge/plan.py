@@ -54,16 +54,19 @@ def _max_row_elements(entries: list[TensorEntry]) -> int:
 
 
 def plan_pieces(indexes: list[CheckpointIndex], keys: list[str], budget_bytes: int,
-                accumulate: torch.dtype, output_dtypes: dict[str, torch.dtype]) -> list[Piece]:
+                accumulate: torch.dtype, output_dtypes: dict[str, torch.dtype],
+                read_keys: dict[str, tuple[str, ...]] | None = None) -> list[Piece]:
+    """Pieces of every output key, in the newest input's layout of that key; `read_keys` names
+    what each input contributes to a key when that is another tensor (default: the key itself)."""
     pieces = []
     acc_size = _itemsize(accumulate)
     for key in keys:
-        entries = [index.tensors[key] for index in indexes]
-        newest = entries[-1]
-        in_size = _itemsize(newest.dtype)
+        reads = (read_keys or {}).get(key) or (key,) * len(indexes)
+        entries = [index.tensors[read] for index, read in zip(indexes, reads)]
+        in_size = max(_itemsize(e.dtype) for e in entries)
         out_size = _itemsize(output_dtypes[key])
         read_row = _max_row_elements(entries) * (in_size + acc_size)  # a read block and its conversion
-        for chunk in newest.chunks:
+        for chunk in indexes[-1].tensors[key].chunks:
             if not chunk.sizes:
                 pieces.append(Piece(key, (), (), in_size))
                 continue

@@ -14,7 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, rng
 from pma_train.checkpoint.lock import acquire_on_rank0
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
 from pma_train.checkpoint.retention import prune
@@ -71,6 +71,9 @@ class Trainer:
         self.log_lines: list[str] = []
         self.resumed_from: Path | None = None  # the checkpoint this process continues from, if any
         self.state = self._load_initial_state()
+        # What is built from here on draws random numbers (data loader seeds) that an uninterrupted
+        # run drew before its checkpoint: undone at the end, so a resumed run steps on exactly.
+        loaded_rng = rng.capture()
 
         t = cfg.train
         self.train_ds, self.valid_ds = build_datasets(
@@ -96,6 +99,7 @@ class Trainer:
         self.moe_metrics = MoEMetrics(self.model, self.model_config, cfg.model.pattern(),
                                       cfg.parallel.sequence_parallel) if cfg.model.num_experts else None
         self._spike_steps_left: int | None = None
+        rng.restore(loaded_rng)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -254,6 +258,7 @@ class Trainer:
         return StepResult(loss, float(grad_norm or 0.0), lr, not updated, {"data": self.data_timer.pop()})
 
     @torch.no_grad()
+    @rng.preserved()  # training's random streams are the same however often it evaluates
     def evaluate(self) -> float:
         for chunk in self.model:
             chunk.eval()
