@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import integrity, layout
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
@@ -176,6 +176,7 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False)
     dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
     dist.barrier()
+    integrity.record_checksums(tmp)
     final = root / layout.iter_dir_name(train_state.iteration)
     if rank == 0:
         (tmp / SIDE_CAR).write_text(json.dumps({**asdict(train_state), **(sidecar or {})}, indent=2, default=str))
@@ -229,6 +230,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
     ckpt = layout.resolve_checkpoint(path)
     layout.verify_complete(ckpt)
+    integrity.verify_checkpoint(ckpt)
     _keep_state_the_loader_leaves_out()
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     gpt = is_gpt_checkpoint(ckpt)

@@ -52,7 +52,11 @@ def _run(cfg: DictConfig) -> None:
         raise SystemExit(2) from None
     from pma_train.train.trainer import Trainer
 
-    Trainer(job).train()
+    try:
+        Trainer(job).train()
+    except CheckpointError as err:  # e.g. a checksum mismatch, found as a checkpoint is loaded
+        print(f"pma-train: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     from pma_train.parallel import destroy_distributed
 
     destroy_distributed()
