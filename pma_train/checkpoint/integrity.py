@@ -4,8 +4,8 @@ Same-size corruption (bytes flipped inside a data file) passes every size check 
 fine: only a digest of the bytes finds it. A torch_dist checkpoint's `checksums.json` records a digest
 of every stored item of its DCP metadata (data file, offset, length -> digest, with the tensor or
 object stored there) and of the small metadata files beside the data; an export directory records
-its files whole. xxh3_64 hashes ~7 GB/s on one core here (zlib.crc32: ~1.9 GB/s), so recording and
-verifying cost a few % of a save or load. The one home of the sidecar format: every reader and
+its files whole. The algorithm (pma_train/checkpoint/hashing.py, xxh3_64: 3.5-7 GB/s on one core here,
+3-4x zlib.crc32) keeps recording and verifying to a few % of a save or load. The one home of the sidecar format: every reader and
 writer of checksums goes through this module.
 """
 
@@ -15,10 +15,10 @@ import json
 import os
 import re
 import sys
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from pma_train.checkpoint.hashing import ALGORITHM, READ_BLOCK, HashingError, digest_range, new_hasher
 from pma_train.checkpoint.layout import CheckpointError
 
 SIDECAR = "checksums.json"
@@ -26,19 +26,7 @@ FORMAT = "pma-train checksums"
 VERSION = 1
 # Files DCP and megatron-core write beside the data: a flipped byte there misplaces every tensor.
 METADATA_FILES = (".metadata", "metadata.json", "common.pt")
-_BLOCK = 4 * 2**20  # read and hash in blocks that stay in cache
-
-
-def _default_algorithm() -> str:
-    try:
-        import xxhash  # noqa: F401
-
-        return "xxh3_64"
-    except ImportError:  # a declared dependency; zlib keeps checksums working without it, slower
-        return "crc32"
-
-
-ALGORITHM = _default_algorithm()
+OPTIMIZER_PREFIX = "optimizer."  # DCP keys of the optimizer state (megatron-core)
 
 
 class ChecksumError(CheckpointError):
@@ -76,76 +64,6 @@ class Checksums:
         return sum(e.length for e in self.chunks + self.files)
 
 
-# ----------------------------------------------------------------------------- hashing
-
-
-class _Crc32:
-    def __init__(self):
-        self.value = 0
-
-    def update(self, data) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def hexdigest(self) -> str:
-        return f"{self.value:08x}"
-
-
-def new_hasher(algorithm: str):
-    if algorithm == "xxh3_64":
-        try:
-            import xxhash
-        except ImportError:
-            raise ChecksumError("checksums recorded with xxh3_64 need the xxhash package (pip install xxhash)") from None
-        return xxhash.xxh3_64()
-    if algorithm == "crc32":
-        return _Crc32()
-    raise ChecksumError(f"unknown checksum algorithm '{algorithm}'")
-
-
-def digest_range(fd: int, offset: int, length: int, algorithm: str, buffer: bytearray | None = None) -> str:
-    """Digest of bytes [offset, offset + length) of an open file (fewer if the file ends first)."""
-    hasher = new_hasher(algorithm)
-    view = memoryview(buffer if buffer is not None else bytearray(min(_BLOCK, max(length, 1))))
-    done = 0
-    while done < length:
-        got = os.preadv(fd, [view[:min(len(view), length - done)]], offset + done)
-        if got == 0:
-            break
-        hasher.update(view[:got])
-        done += got
-    return hasher.hexdigest()
-
-
-def digest_file(path: Path, algorithm: str = ALGORITHM) -> Entry:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        return Entry(path.name, 0, size, digest_range(fd, 0, size, algorithm))
-    finally:
-        os.close(fd)
-
-
-class HashingFile:
-    """A write-only file wrapper that hashes what passes through: checksums without re-reading."""
-
-    def __init__(self, file, algorithm: str = ALGORITHM):
-        self.file, self.algorithm = file, algorithm
-        self.hasher = new_hasher(algorithm)
-
-    def restart(self) -> None:
-        self.hasher = new_hasher(self.algorithm)
-
-    def write(self, data) -> int:
-        self.hasher.update(data)
-        return self.file.write(data)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def hexdigest(self) -> str:
-        return self.hasher.hexdigest()
-
-
 # ----------------------------------------------------------------------------- the sidecar
 
 
@@ -178,8 +96,20 @@ def read_checksums(directory: Path) -> Checksums | None:
         checksums = Checksums(str(doc["algorithm"]), entries(doc["chunks"]), entries(doc["files"]))
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ChecksumError(f"{path} is not a readable checksum file: {err}") from None
-    new_hasher(checksums.algorithm)  # an unknown algorithm is named now, not at the first chunk
+    try:
+        new_hasher(checksums.algorithm)  # an unknown algorithm is named now, not at the first chunk
+    except HashingError as err:
+        raise ChecksumError(f"{path}: {err}") from None
     return checksums
+
+
+def digest_file(path: Path, algorithm: str = ALGORITHM) -> Entry:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return Entry(path.name, 0, size, digest_range(fd, 0, size, algorithm))
+    finally:
+        os.close(fd)
 
 
 def file_entries(directory: Path, names, algorithm: str = ALGORITHM) -> list[Entry]:
@@ -270,7 +200,7 @@ def verify_file_entries(ckpt_dir: Path, algorithm: str, entries: list[Entry], pr
         fd = os.open(path, os.O_RDONLY)
     except OSError as err:
         return [f"checkpoint {ckpt_dir}, file {entries[0].path}: cannot be read: {err.strerror}"]
-    problems, buffer = [], bytearray(_BLOCK)
+    problems, buffer = [], bytearray(READ_BLOCK)
     try:
         for entry in sorted(entries, key=lambda e: e.offset):
             problem = verify_entry(Path(ckpt_dir), entry, algorithm, fd, buffer)
@@ -333,7 +263,7 @@ def _all_gather(obj) -> list:
 
 
 def _digest_items(ckpt_dir: Path, items, algorithm: str) -> list[Entry]:
-    entries, buffer, fds = [], bytearray(_BLOCK), {}
+    entries, buffer, fds = [], bytearray(READ_BLOCK), {}
     try:
         for path, offset, length, key in items:  # sorted: each file read front to back
             if path not in fds:
@@ -367,9 +297,10 @@ def record_checksums(ckpt_dir: Path) -> None:
         write_checksums(ckpt_dir, Checksums(ALGORITHM, chunks, file_entries(ckpt_dir, METADATA_FILES)))
 
 
-def verify_checkpoint(ckpt_dir: Path) -> None:
+def verify_checkpoint(ckpt_dir: Path, with_optimizer: bool = True) -> None:
     """Collective before a load: the ranks share the checkpoint's files by bytes and verify every recorded
-    checksum; every rank raises the same ChecksumError if any fails. Without a sidecar: one warning."""
+    checksum (the optimizer's only if it is loaded); every rank raises the same ChecksumError if any fails.
+    Without a sidecar: one warning."""
     ckpt_dir = Path(ckpt_dir)
     checksums = read_checksums(ckpt_dir)
     if checksums is None:
@@ -378,6 +309,8 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
     problems = uncovered(checksums, storage_items(ckpt_dir))  # the same on every rank
     if problems:
         raise ChecksumError(f"checkpoint {ckpt_dir}: " + summarize(problems, ckpt_dir))
+    if not with_optimizer:
+        checksums.chunks = [e for e in checksums.chunks if not e.key.startswith(OPTIMIZER_PREFIX)]
     rank, world = _rank_world()
     files = by_file(checksums)
     sizes = {name: sum(e.length for e in entries) for name, entries in files.items()}

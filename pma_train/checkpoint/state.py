@@ -230,7 +230,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
     ckpt = layout.resolve_checkpoint(path)
     layout.verify_complete(ckpt)
-    integrity.verify_checkpoint(ckpt)
+    integrity.verify_checkpoint(ckpt, with_optimizer=optimizer is not None)
     _keep_state_the_loader_leaves_out()
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     gpt = is_gpt_checkpoint(ckpt)

@@ -29,7 +29,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-from pma_train.checkpoint.integrity import ALGORITHM, Entry, Expected, HashingFile, expected_items
+from pma_train.checkpoint.hashing import ALGORITHM, READ_BLOCK, HashingFile
+from pma_train.checkpoint.integrity import Entry, Expected, expected_items
 
 OPTIMIZER_PREFIX = "optimizer."
 
@@ -204,7 +205,7 @@ class ChunkReader:
         if expected is None or (file, offset) in self._verified:
             return
         if self._hash_buffer is None:
-            self._hash_buffer = bytearray(4 * 2**20)
+            self._hash_buffer = bytearray(READ_BLOCK)
         expected.verify(self._fd(file), self._hash_buffer)
         self._verified.add((file, offset))
         self.bytes_verified += expected.entry.length
