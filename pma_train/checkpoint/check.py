@@ -110,7 +110,7 @@ def plan_target(target: Path, require_checksums: bool) -> tuple[Report, list[_Ta
     report.checksums, report.nbytes = True, checksums.nbytes
     report.items = len(checksums.chunks) + len(checksums.files)
     if items is not None:
-        report.problems.extend(f"checkpoint {target}: {p}" for p in integrity.uncovered(checksums, items))
+        report.problems.extend(integrity.uncovered(target, checksums, items))
     tasks = [_Task(report, checksums.algorithm, group) for entries in integrity.by_file(checksums).values()
              for group in _groups(sorted(entries, key=lambda e: e.offset))]
     return report, tasks

@@ -143,14 +143,14 @@ def storage_items(ckpt_dir: Path) -> list[tuple[str, int, int, str]]:
                   for index, info in (metadata.storage_data or {}).items())
 
 
-def uncovered(checksums: Checksums, items) -> list[str]:
+def uncovered(ckpt_dir: Path, checksums: Checksums, items) -> list[str]:
     """Problems: stored items the sidecar has no (or another) record of."""
     at = checksums.chunk_at()
     problems = []
     for path, offset, length, key in items:
         entry = at.get((path, offset))
         if entry is None or entry.length != length:
-            problems.append(f"file {path}, tensor {key} (bytes {offset}..{offset + length}) has no checksum in {SIDECAR}")
+            problems.append(f"{Entry(path, offset, length, '', key).describe(ckpt_dir)}: no checksum recorded in {SIDECAR}")
     return problems
 
 
@@ -179,15 +179,17 @@ class Expected:
 
 
 def expected_items(ckpt_dir: Path, items) -> dict[tuple[str, int], Expected] | None:
-    """For streaming readers: the record of every stored item (file, offset, length, key) of the checkpoint;
-    None (and one warning) if it has no sidecar; ChecksumError if the sidecar misses an item."""
+    """For streaming readers: the record of every stored item (file, offset, length, key) of the checkpoint,
+    its metadata files verified now; None (and one warning) if it has no sidecar; ChecksumError if the
+    sidecar misses an item or a metadata file does not match."""
     checksums = read_checksums(ckpt_dir)
     if checksums is None:
         warn_unchecked(Path(ckpt_dir))
         return None
-    problems = uncovered(checksums, items)
+    problems = uncovered(ckpt_dir, checksums, items)
+    problems += [p for e in checksums.files for p in verify_file_entries(ckpt_dir, checksums.algorithm, [e])]
     if problems:
-        raise ChecksumError(f"checkpoint {ckpt_dir}: " + summarize(problems, Path(ckpt_dir)))
+        raise ChecksumError(summarize(problems, Path(ckpt_dir)))
     return {k: Expected(Path(ckpt_dir), e, checksums.algorithm) for k, e in checksums.chunk_at().items()}
 
 
@@ -306,9 +308,9 @@ def verify_checkpoint(ckpt_dir: Path, with_optimizer: bool = True) -> None:
     if checksums is None:
         warn_unchecked(ckpt_dir)
         return
-    problems = uncovered(checksums, storage_items(ckpt_dir))  # the same on every rank
+    problems = uncovered(ckpt_dir, checksums, storage_items(ckpt_dir))  # the same on every rank
     if problems:
-        raise ChecksumError(f"checkpoint {ckpt_dir}: " + summarize(problems, ckpt_dir))
+        raise ChecksumError(summarize(problems, ckpt_dir))
     if not with_optimizer:
         checksums.chunks = [e for e in checksums.chunks if not e.key.startswith(OPTIMIZER_PREFIX)]
     rank, world = _rank_world()
