@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,25 +300,49 @@ def record_checksums(ckpt_dir: Path) -> None:
         write_checksums(ckpt_dir, Checksums(ALGORITHM, chunks, file_entries(ckpt_dir, METADATA_FILES)))
 
 
+class Verification:
+    """verify_checkpoint in two halves, so that a load runs while this rank hashes its share. Starting
+    checks the record (the same on every rank) and hashes in a thread; finish() gathers on the main thread
+    (a collective must not race the loader's own) and raises the same ChecksumError on every rank."""
+
+    def __init__(self, ckpt_dir: Path, with_optimizer: bool = True):
+        self.ckpt_dir = Path(ckpt_dir)
+        self._thread: threading.Thread | None = None
+        self._found: list[str] = []
+        checksums = read_checksums(self.ckpt_dir)
+        if checksums is None:
+            warn_unchecked(self.ckpt_dir)
+            return
+        problems = uncovered(self.ckpt_dir, checksums, storage_items(self.ckpt_dir))
+        if problems:
+            raise ChecksumError(summarize(problems, self.ckpt_dir))
+        if not with_optimizer:  # a load without optimizer reads none of its items
+            checksums.chunks = [e for e in checksums.chunks if not e.key.startswith(OPTIMIZER_PREFIX)]
+        rank, world = _rank_world()
+        files = by_file(checksums)
+        mine = share_files({name: sum(e.length for e in entries) for name, entries in files.items()}, world)[rank]
+        self._thread = threading.Thread(target=self._hash, args=(checksums.algorithm, [files[n] for n in mine]),
+                                        name="pma-verify", daemon=True)
+        self._thread.start()
+
+    def _hash(self, algorithm: str, groups: list[list[Entry]]) -> None:
+        try:
+            for entries in groups:
+                self._found.extend(verify_file_entries(self.ckpt_dir, algorithm, entries))
+        except Exception as err:  # reported by finish(), not lost with the thread
+            self._found.append(f"checkpoint {self.ckpt_dir}: cannot verify: {type(err).__name__}: {err}")
+
+    def finish(self) -> None:
+        if self._thread is None:
+            return
+        self._thread.join()
+        problems = sorted(p for found in _all_gather(self._found) for p in found)
+        if problems:
+            raise ChecksumError(summarize(problems, self.ckpt_dir))
+
+
 def verify_checkpoint(ckpt_dir: Path, with_optimizer: bool = True) -> None:
-    """Collective before a load: the ranks share the checkpoint's files by bytes and verify every recorded
-    checksum (the optimizer's only if it is loaded); every rank raises the same ChecksumError if any fails.
-    Without a sidecar: one warning."""
-    ckpt_dir = Path(ckpt_dir)
-    checksums = read_checksums(ckpt_dir)
-    if checksums is None:
-        warn_unchecked(ckpt_dir)
-        return
-    problems = uncovered(ckpt_dir, checksums, storage_items(ckpt_dir))  # the same on every rank
-    if problems:
-        raise ChecksumError(summarize(problems, ckpt_dir))
-    if not with_optimizer:
-        checksums.chunks = [e for e in checksums.chunks if not e.key.startswith(OPTIMIZER_PREFIX)]
-    rank, world = _rank_world()
-    files = by_file(checksums)
-    sizes = {name: sum(e.length for e in entries) for name, entries in files.items()}
-    mine = share_files(sizes, world)[rank]
-    found = [p for name in mine for p in verify_file_entries(ckpt_dir, checksums.algorithm, files[name])]
-    problems = sorted(p for found_on_rank in _all_gather(found) for p in found_on_rank)
-    if problems:
-        raise ChecksumError(summarize(problems, ckpt_dir))
+    """Collective: the ranks share the checkpoint's files by bytes and verify every recorded checksum (the
+    optimizer's only if it is loaded); every rank raises the same ChecksumError if any fails. Without a
+    sidecar: one warning."""
+    Verification(ckpt_dir, with_optimizer).finish()

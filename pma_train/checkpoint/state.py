@@ -230,7 +230,9 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
     ckpt = layout.resolve_checkpoint(path)
     layout.verify_complete(ckpt)
-    integrity.verify_checkpoint(ckpt, with_optimizer=optimizer is not None)
+    # Every recorded checksum of what this load reads is verified while it runs (this rank's share, in a
+    # thread), and checked before anything loaded is applied.
+    verification = integrity.Verification(ckpt, with_optimizer=optimizer is not None)
     _keep_state_the_loader_leaves_out()
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     gpt = is_gpt_checkpoint(ckpt)
@@ -246,7 +248,12 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
         state.pop("opt_param_scheduler", None)
     if gpt:
         state.update(_retarget_to_gpt({k: v for k, v in state.items() if k.startswith("model")}, chunks))
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt))
+    except Exception:
+        verification.finish()  # corrupted data is named as such, not by the loader's symptom of it
+        raise
+    verification.finish()
     for i, chunk in enumerate(chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
     if optimizer is not None:
