@@ -111,24 +111,8 @@ def plan_target(target: Path, require_checksums: bool) -> tuple[Report, list[_Ta
     report.items = len(checksums.chunks) + len(checksums.files)
     if items is not None:
         report.problems.extend(integrity.uncovered(target, checksums, items))
-    tasks = [_Task(report, checksums.algorithm, group) for entries in integrity.by_file(checksums).values()
-             for group in _groups(sorted(entries, key=lambda e: e.offset))]
+    tasks = [_Task(report, checksums.algorithm, group) for group in integrity.work_units(checksums)]
     return report, tasks
-
-
-_TASK_BYTES = 64 * 2**20
-
-
-def _groups(entries: list[integrity.Entry]) -> list[list[integrity.Entry]]:
-    """Consecutive entries of one file in groups of about _TASK_BYTES: one big file keeps every worker busy."""
-    groups, size = [[]], 0
-    for entry in entries:
-        if groups[-1] and size + entry.length > _TASK_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(entry)
-        size += entry.length
-    return groups
 
 
 def run_check(cfg: CheckConfig) -> list[Report]:

@@ -216,20 +216,36 @@ def verify_file_entries(ckpt_dir: Path, algorithm: str, entries: list[Entry], pr
     return problems
 
 
-def by_file(checksums: Checksums) -> dict[str, list[Entry]]:
+_UNIT_BYTES = 64 * 2**20
+
+
+def work_units(checksums: Checksums) -> list[list[Entry]]:
+    """Entries in groups of consecutive items of one file, about _UNIT_BYTES each: the units in which ranks
+    and workers share a verification (one big file keeps every one of them busy)."""
     files: dict[str, list[Entry]] = {}
     for entry in checksums.chunks + checksums.files:
         files.setdefault(entry.path, []).append(entry)
-    return files
+    units = []
+    for entries in files.values():
+        group, size = [], 0
+        for entry in sorted(entries, key=lambda e: e.offset):
+            if group and size + entry.length > _UNIT_BYTES:
+                units.append(group)
+                group, size = [], 0
+            group.append(entry)
+            size += entry.length
+        units.append(group)
+    return units
 
 
-def share_files(sizes: dict[str, int], world: int) -> list[list[str]]:
-    """Files per rank, balanced by bytes; the same on every rank."""
+def share_units(units: list[list[Entry]], world: int) -> list[list[list[Entry]]]:
+    """Units per rank, balanced by bytes; the same on every rank."""
     loads, shares = [0] * world, [[] for _ in range(world)]
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+    order = sorted(range(len(units)), key=lambda i: (-sum(e.length for e in units[i]), i))
+    for i in order:
         rank = loads.index(min(loads))
-        shares[rank].append(name)
-        loads[rank] += sizes[name]
+        shares[rank].append(units[i])
+        loads[rank] += sum(e.length for e in units[i])
     return shares
 
 
@@ -319,9 +335,8 @@ class Verification:
         if not with_optimizer:  # a load without optimizer reads none of its items
             checksums.chunks = [e for e in checksums.chunks if not e.key.startswith(OPTIMIZER_PREFIX)]
         rank, world = _rank_world()
-        files = by_file(checksums)
-        mine = share_files({name: sum(e.length for e in entries) for name, entries in files.items()}, world)[rank]
-        self._thread = threading.Thread(target=self._hash, args=(checksums.algorithm, [files[n] for n in mine]),
+        mine = share_units(work_units(checksums), world)[rank]
+        self._thread = threading.Thread(target=self._hash, args=(checksums.algorithm, mine),
                                         name="pma-verify", daemon=True)
         self._thread.start()
 
