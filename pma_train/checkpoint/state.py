@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import layout, rng, space
+from pma_train.checkpoint import integrity, layout, rng, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
@@ -158,10 +158,12 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     dist.barrier()
     try:
         dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
+        dist.barrier()  # rank 0 writes .metadata last: every rank reads it to hash its own files
+        checksums = integrity.record_checksums(tmp, write=False)
     except (Exception, CheckpointException) as err:  # raised on every rank when any rank's write fails
         _abandon_save(err, tmp, root, rank, need)
     final = root / layout.iter_dir_name(train_state.iteration)
-    failure = [_publish_save(tmp, final, root, train_state, sidecar, need) if rank == 0 else None]
+    failure = [_publish_save(tmp, final, root, train_state, sidecar, need, checksums) if rank == 0 else None]
     # A broadcast, not a barrier: every rank learns of a failure on rank 0 instead of waiting forever.
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
@@ -170,9 +172,11 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     return final
 
 
-def _publish_save(tmp: Path, final: Path, root: Path, train_state: TrainState, sidecar: dict | None, need: int):
-    """Rank 0: sidecar, completeness check, publish, tracker; None, or (disk full?, message) on failure."""
+def _publish_save(tmp: Path, final: Path, root: Path, train_state: TrainState, sidecar: dict | None, need: int,
+                  checksums: "integrity.Checksums"):
+    """Rank 0: sidecars, completeness check, publish, tracker; None, or (disk full?, message) on failure."""
     try:
+        integrity.write_checksums(tmp, checksums)
         (tmp / SIDE_CAR).write_text(json.dumps({**asdict(train_state), **(sidecar or {})}, indent=2, default=str))
         layout.verify_complete(tmp)
         layout.publish(tmp, final)
@@ -251,6 +255,9 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
     ckpt = layout.resolve_checkpoint(path)
     layout.verify_complete(ckpt)
+    # Every recorded checksum of what this load reads is verified while it runs (this rank's share, in a
+    # thread), and checked before anything loaded is applied.
+    verification = integrity.Verification(ckpt, with_optimizer=optimizer is not None)
     _keep_state_the_loader_leaves_out()
     common = dist_checkpointing.load_common_state_dict(str(ckpt))
     gpt = is_gpt_checkpoint(ckpt)
@@ -266,7 +273,12 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
         state.pop("opt_param_scheduler", None)
     if gpt:
         state.update(_retarget_to_gpt({k: v for k, v in state.items() if k.startswith("model")}, chunks))
-    loaded = dist_checkpointing.load(state, str(ckpt))
+    try:
+        loaded = dist_checkpointing.load(state, str(ckpt))
+    except Exception:
+        verification.finish()  # corrupted data is named as such, not by the loader's symptom of it
+        raise
+    verification.finish()
     for i, chunk in enumerate(chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
     if optimizer is not None:

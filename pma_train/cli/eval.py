@@ -34,7 +34,11 @@ def _run(node: DictConfig) -> None:
     from pma_train.parallel import destroy_distributed
 
     evaluator = Evaluator(cfg, cfg.run.dir)
-    results = [evaluator.evaluate(path) for path in cfg.checkpoints]
+    try:
+        results = [evaluator.evaluate(path) for path in cfg.checkpoints]
+    except CheckpointError as err:  # e.g. a checksum mismatch, found as the checkpoint is loaded
+        print(f"pma-eval: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     if dist.get_rank() == 0:
         print(f"{'val loss':>10}  {'iteration':>10}  {'tokens':>14}  checkpoint")
         for r in results:

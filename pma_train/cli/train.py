@@ -79,8 +79,9 @@ def _run(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(job)
         trainer.train()
-    except (LockError, DiskFullError) as err:
-        # Raised on every rank alike: one line from rank 0, and no rank left waiting for another.
+    except (LockError, DiskFullError, CheckpointError) as err:
+        # Raised on every rank alike (a lock refused, a full disk, a checksum mismatch found while
+        # loading): one line from rank 0, and no rank left waiting for another.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"pma-train: error: {err}", file=sys.stderr, flush=True)
         destroy_distributed()

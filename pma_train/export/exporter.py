@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import integrity, layout
+from pma_train.checkpoint.integrity import Entry
 from pma_train.export.config import DTYPES, ExportConfig
 from pma_train.export.hf import (HF_CLASSES, ExportError, check_args, choose_target, describe, hf_config,
                                   plan_tensors)
@@ -182,6 +183,7 @@ def export(plan: ExportPlan) -> ExportSummary:
     if not errors and rank == 0:
         try:
             _write_metadata(plan, tmp, time.perf_counter() - start)
+            _write_checksums(tmp, [Entry(**f) for r in reports for f in r[1]["files"]])
             layout.publish(tmp, output)
         except Exception as err:
             errors.append(f"rank 0: {type(err).__name__}: {err}")
@@ -218,6 +220,15 @@ def _write_metadata(plan: ExportPlan, tmp: Path, seconds: float) -> None:
         "shards": [s.file for s in plan.shards], "seconds": round(seconds, 3),
         "merge": _merge_record(src.path),
     })
+
+
+def _write_checksums(tmp: Path, shards: list[Entry]) -> None:
+    """Whole-file checksums of the export (`pma-check` verifies them): the shards, hashed by the ranks that
+    wrote them, and every file rank 0 wrote."""
+    done = {e.path for e in shards}
+    others = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name not in done and p.name != integrity.SIDECAR)
+    files = sorted(shards + integrity.file_entries(tmp, others), key=lambda e: e.path)
+    integrity.write_checksums(tmp, integrity.Checksums(integrity.ALGORITHM, [], files))
 
 
 def _save_generation_config(config, tmp: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pma_train.checkpoint.integrity import Entry, digest_file
 from pma_train.export.hf import ExportError, OutTensor
 from pma_train.export.source import read_piece
 from pma_train.merge.dcp_io import CheckpointIndex, ChunkReader
@@ -93,6 +94,7 @@ class WriteReport:
     bytes_written: int = 0
     bytes_read: int = 0
     peak_held_bytes: int = 0  # the most tensor bytes this process held at once
+    files: list[Entry] = field(default_factory=list)  # checksums of the shards written
 
 
 def write_shards(shards: list[Shard], index: CheckpointIndex, directory: Path) -> WriteReport:
@@ -110,6 +112,7 @@ def write_shards(shards: list[Shard], index: CheckpointIndex, directory: Path) -
             save_file(tensors, str(path), metadata={"format": "pt"})
             del tensors  # free this shard before the next one is read
             _fsync(path)
+            report.files.append(digest_file(path))  # read back while still in the page cache
             os.chmod(path, 0o666 & ~_umask())  # safetensors creates files 0600; publish them as save_pretrained would
             report.shards += 1
             report.bytes_written += path.stat().st_size

@@ -62,7 +62,7 @@ def read_common_state(index: CheckpointIndex) -> dict:
         if stored.index.fqn.split("/")[0] == "common_state":
             reader = ChunkReader()
             try:
-                raw = reader.read_raw(stored.file, stored.offset, stored.length)
+                raw = reader.read_raw(stored.file, stored.offset, stored.length, stored.expected)
             finally:
                 reader.close()
             break

@@ -28,6 +28,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
+from pma_train.checkpoint.hashing import ALGORITHM, READ_BLOCK, HashingFile
+from pma_train.checkpoint.integrity import Entry, Expected, expected_items
 from pma_train.checkpoint.layout import CheckpointError, read_metadata
 from pma_train.checkpoint.safe_pickle import TENSOR_GLOBALS, FileSlice, RestrictedUnpickler, UnsafePickleError
 
@@ -41,6 +43,7 @@ class StoredChunk:
     file: Path
     offset: int
     length: int
+    expected: Expected | None = None  # its recorded checksum (None: the checkpoint records none)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class StoredBytes:
     file: Path
     offset: int
     length: int
+    expected: Expected | None = None
 
 
 class CheckpointIndex:
@@ -77,8 +81,11 @@ class CheckpointIndex:
             elif isinstance(md, BytesStorageMetadata):
                 self.byte_keys.append(key)
         self.bytes: list[StoredBytes] = []
+        items = [(i.relative_path, i.offset, i.length, index.fqn) for index, i in self.metadata.storage_data.items()]
+        expected = expected_items(self.dir, items) or {}
         for index, info in self.metadata.storage_data.items():
-            where = (self.dir / info.relative_path, info.offset, info.length)
+            where = (self.dir / info.relative_path, info.offset, info.length,
+                     expected.get((info.relative_path, info.offset)))
             if index.fqn in self.tensors:
                 self.tensors[index.fqn].chunks.append(StoredChunk(tuple(index.offset), _chunk_sizes(self.metadata, index), *where))
             else:
@@ -151,13 +158,26 @@ def _contiguous_strides(sizes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class ChunkReader:
-    """Reads rows of stored chunks straight from the data files."""
+    """Reads rows of stored chunks straight from the data files; verifies each stored item against its
+    recorded checksum at its first read (whole, once: the page cache then serves the rows)."""
 
     def __init__(self):
         self._fds: dict[Path, int] = {}
         self._located: dict[tuple[Path, int], _Located | None] = {}
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._verified: set[tuple[Path, int]] = set()
+        self._hash_buffer: bytearray | None = None
         self.bytes_read = 0
+        self.bytes_verified = 0
+
+    def _verify(self, file: Path, offset: int, expected: Expected | None) -> None:
+        if expected is None or (file, offset) in self._verified:
+            return
+        if self._hash_buffer is None:
+            self._hash_buffer = bytearray(READ_BLOCK)
+        expected.verify(self._fd(file), self._hash_buffer)
+        self._verified.add((file, offset))
+        self.bytes_verified += expected.entry.length
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -202,6 +222,7 @@ class ChunkReader:
 
     def read_rows(self, chunk: StoredChunk, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a stored chunk (elements, for 1-D chunks), shape (stop-start, *sizes[1:])."""
+        self._verify(chunk.file, chunk.offset, chunk.expected)
         located = self._locate(chunk)
         if located is None:
             return self._read_whole(chunk)[start:stop]
@@ -238,7 +259,8 @@ class ChunkReader:
         self.bytes_read += len(blob)
         return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
-    def read_raw(self, path: Path, offset: int, length: int) -> bytes:
+    def read_raw(self, path: Path, offset: int, length: int, expected: Expected | None = None) -> bytes:
+        self._verify(path, offset, expected)
         self.bytes_read += length
         return os.pread(self._fd(path), length, offset)
 
@@ -254,6 +276,10 @@ class WrittenTensor:
     relative_path: str
     offset: int
     length: int
+    digest: str = ""
+
+    def checksum(self) -> Entry:
+        return Entry(self.relative_path, self.offset, self.length, self.digest, self.key)
 
 
 @dataclass(frozen=True)
@@ -262,14 +288,20 @@ class WrittenBytes:
     relative_path: str
     offset: int
     length: int
+    digest: str = ""
+
+    def checksum(self) -> Entry:
+        return Entry(self.relative_path, self.offset, self.length, self.digest, self.key)
 
 
 class ChunkWriter:
-    """Appends tensors (as torch.save archives, like DCP) and raw byte entries to one data file."""
+    """Appends tensors (as torch.save archives, like DCP) and raw byte entries to one data file, hashing
+    each entry as it is written (its checksum costs no re-read)."""
 
     def __init__(self, directory: Path, name: str):
         self.name = name
         self.file = open(Path(directory) / name, "wb")
+        self._hashing = HashingFile(self.file, ALGORITHM)
         self.tensors: list[WrittenTensor] = []
         self.byte_entries: list[WrittenBytes] = []
         self.bytes_written = 0
@@ -277,16 +309,19 @@ class ChunkWriter:
     def write_tensor(self, key: str, offsets: tuple[int, ...], tensor: torch.Tensor) -> None:
         start = self.file.tell()
         # A fresh contiguous tensor: torch.save would otherwise write a view's whole storage.
-        torch.save(tensor.contiguous().clone() if tensor._base is not None else tensor.contiguous(), self.file)
+        self._hashing.restart()
+        torch.save(tensor.contiguous().clone() if tensor._base is not None else tensor.contiguous(), self._hashing)
         length = self.file.tell() - start
         self.bytes_written += length
-        self.tensors.append(WrittenTensor(key, tuple(offsets), tuple(tensor.shape), self.name, start, length))
+        self.tensors.append(WrittenTensor(key, tuple(offsets), tuple(tensor.shape), self.name, start, length,
+                                          self._hashing.hexdigest()))
 
     def write_bytes(self, key: str, raw: bytes) -> None:
         start = self.file.tell()
-        self.file.write(raw)
+        self._hashing.restart()
+        self._hashing.write(raw)
         self.bytes_written += len(raw)
-        self.byte_entries.append(WrittenBytes(key, self.name, start, len(raw)))
+        self.byte_entries.append(WrittenBytes(key, self.name, start, len(raw), self._hashing.hexdigest()))
 
     def close(self) -> None:
         self.file.flush()

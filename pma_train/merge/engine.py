@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import layout, space
+from pma_train.checkpoint import integrity, layout, space
 from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
     OPTIMIZER_PREFIX,
@@ -342,7 +342,7 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
     for stored in newest_index.bytes:
         if stored.index.fqn.startswith(OPTIMIZER_PREFIX) and not request.carry_optimizer:
             continue
-        writer.write_bytes(stored.index.fqn, reader.read_raw(stored.file, stored.offset, stored.length))
+        writer.write_bytes(stored.index.fqn, reader.read_raw(stored.file, stored.offset, stored.length, stored.expected))
     writer.close()
     reader.close()
     shapes = {k: (newest_index.tensors[k].shape, out_dtype[k]) for k in keys}
@@ -363,12 +363,20 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
         "summary": {k: v for k, v in asdict(summary).items() if k != "per_rank"},
     }
     (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
+    _write_checksums(tmp, tensors, writer.byte_entries)
     layout.verify_complete(tmp)
     final = request.output_root / layout.iter_dir_name(newest.iteration)
     layout.publish(tmp, final)
     latest = layout.read_tracker(request.output_root)
     if latest is None or latest <= newest.iteration:
         layout.write_tracker(request.output_root, newest.iteration)
+
+
+def _write_checksums(tmp: Path, tensors, byte_entries) -> None:
+    # Every rank hashed its pieces while writing them: no re-read.
+    chunks = sorted((w.checksum() for w in [*tensors, *byte_entries]), key=lambda e: (e.path, e.offset))
+    files = integrity.file_entries(tmp, integrity.METADATA_FILES)
+    integrity.write_checksums(tmp, integrity.Checksums(integrity.ALGORITHM, chunks, files))
 
 
 def _version() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import integrity, layout
 from pma_train.checkpoint.state import _unwrap, model_sharded_state_dict
 
 
@@ -35,6 +35,7 @@ def average_into_model(chunks: list[torch.nn.Module], checkpoints: list[str | Pa
     total: dict[str, torch.Tensor] = {}
     newest_state = None
     for ckpt, weight in zip(dirs, weights):
+        integrity.verify_checkpoint(ckpt, with_optimizer=False)
         # The sharded state dict is consumed by a load: build it afresh each time. The load also
         # returns the checkpoint's common state (iteration, args, ...): keep the model parts.
         sharded = model_sharded_state_dict(chunks)
