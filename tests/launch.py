@@ -29,6 +29,9 @@ def test_env(cache_dir: Path | None = None) -> dict:
     return env
 
 
+test_env.__test__ = False  # a helper, not a test, in every module that imports it
+
+
 @dataclass
 class Run:
     returncode: int

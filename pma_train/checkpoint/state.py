@@ -9,6 +9,7 @@ under another TP / PP layout re-shards weights and the (fully reshardable) optim
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import uuid
 from argparse import Namespace
@@ -136,6 +137,17 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _write_results_in_process() -> None:
+    """megatron-core's checkpoint writer hands its results back through a multiprocessing Manager
+    queue, started at the first save: a spawned server process (~575 MB, it re-imports the entry
+    point) that nothing stops when the job is killed. A synchronous save writes from this process's
+    threads, so an in-process queue serves, and no process is spawned."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
                     args: Namespace | None = None, sidecar: dict | None = None, check_space: bool = True) -> Path:
     """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete.
@@ -156,6 +168,7 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     if rank == 0:
         tmp.mkdir()
     dist.barrier()
+    _write_results_in_process()
     try:
         dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
         dist.barrier()  # rank 0 writes .metadata last: every rank reads it to hash its own files
