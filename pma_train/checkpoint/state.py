@@ -89,9 +89,19 @@ def _optimizer_has_state(optimizer) -> bool:
     return all(len(o.state) > 0 for o in inner)
 
 
-def _init_optimizer_state(optimizer) -> None:
-    # torch's Adam creates exp_avg / step lazily at its first step, but the sharded state dict
-    # needs them to exist (saving before any step, or loading into a fresh optimizer).
+def _torch_adam() -> bool:
+    """megatron-core's own verdict: torch's Adam (no TE / apex), whose state has a per-parameter `step`."""
+    from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
+
+    return bool(USING_PYTORCH_OPTIMIZER)
+
+
+def _init_optimizer_state(optimizer, per_param_step: bool | None = None) -> None:
+    """Create the moments Adam makes lazily at its first step: the sharded state dict needs them
+    (saving before any step, or loading into a fresh optimizer). torch's Adam also keeps a
+    per-parameter `step`; TE's / apex's FusedAdam keep it in the param group, and a per-parameter one
+    breaks their loading (KeyError 'step')."""
+    per_param_step = _torch_adam() if per_param_step is None else per_param_step
     for inner in _inner_optimizers(optimizer):
         torch_opt = getattr(inner, "optimizer", None)
         if torch_opt is None:
@@ -102,7 +112,18 @@ def _init_optimizer_state(optimizer) -> None:
                 if len(state) == 0:
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
-                state.setdefault("step", torch.tensor(0.0))
+                if per_param_step:
+                    state.setdefault("step", torch.tensor(0.0))
+
+
+def _integer_group_steps(optimizer) -> None:
+    # FusedAdam counts steps in the param group as an int; a checkpoint written with torch's Adam
+    # (e.g. on CPU) records it as a float.
+    for inner in _inner_optimizers(optimizer):
+        torch_opt = getattr(inner, "optimizer", None)
+        for group in (torch_opt.param_groups if torch_opt is not None else ()):
+            if "step" in group and not isinstance(group["step"], torch.Tensor):
+                group["step"] = int(group["step"])
 
 
 def _keep_state_the_loader_leaves_out() -> None:
@@ -297,6 +318,8 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
+        if not _torch_adam():
+            _integer_group_steps(optimizer)
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if with_rng and "rng_state" in loaded:
