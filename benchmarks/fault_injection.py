@@ -309,6 +309,77 @@ def _export_files(out: Path) -> dict[str, bytes]:
             if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != "pma_export.json"}
 
 
+# ----------------------------------------------------------------------------- corruption
+
+
+def _flip(path: Path, offset: int, count: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = bytearray(f.read(count))
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _stored_item(ckpt: Path, want) -> tuple[str, int, int]:
+    """(file, offset, length) of the first stored item whose key satisfies want."""
+    metadata = layout.read_metadata(ckpt)
+    for index, info in sorted(metadata.storage_data.items(), key=lambda kv: kv[0].fqn):
+        if want(index.fqn):
+            return info.relative_path, info.offset, info.length
+    raise LookupError(f"no stored item of that kind in {ckpt}")
+
+
+def _corruptions(root: Path) -> dict[str, tuple[object, str]]:
+    """kind -> (how to corrupt a copy of root, the file name the error must name)."""
+    ckpt = layout.resolve_checkpoint(root)
+
+    def in_item(want):
+        def corrupt(r: Path) -> None:
+            name, offset, length = _stored_item(ckpt, want)
+            _flip(layout.resolve_checkpoint(r) / name, offset + length // 2, min(64, length // 4))
+        return corrupt
+
+    tensor = _stored_item(ckpt, lambda k: k.startswith("decoder.") and k.endswith(".weight"))[0]
+    common = _stored_item(ckpt, lambda k: k.startswith("common_state"))[0]
+    rng = _stored_item(ckpt, lambda k: k.startswith("rng_state"))[0]
+    return {
+        ".metadata": (lambda r: _flip(layout.resolve_checkpoint(r) / ".metadata", 200, 16), ".metadata"),
+        "model tensor data (.distcp)": (in_item(lambda k: k.startswith("decoder.") and k.endswith(".weight")), tensor),
+        "optimizer tensor data (.distcp)": (in_item(lambda k: k.startswith("optimizer.")), ".distcp"),
+        "common state (.distcp byte entry)": (in_item(lambda k: k.startswith("common_state")), common),
+        "rng state (.distcp byte entry)": (in_item(lambda k: k.startswith("rng_state")), rng),
+        "pma_train.json (truncated)": (lambda r: _truncate(layout.resolve_checkpoint(r) / "pma_train.json"), "pma_train.json"),
+        "checksums.json": (lambda r: _flip(layout.resolve_checkpoint(r) / "checksums.json", 40, 8), "checksums.json"),
+        "tracker (not text)": (lambda r: (r / layout.TRACKER_FILE).write_bytes(b"\xff\xfe8\n"), layout.TRACKER_FILE),
+    }
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def corrupt_files(work: Path, root: Path) -> list[dict]:
+    """Each kind of file corrupted in a copy of a run's checkpoints: pma-check must fail naming the file,
+    and leave the files as they were (no repair, no deletion)."""
+    import shutil
+
+    rows = []
+    for k, (kind, (corrupt, named)) in enumerate(_corruptions(root).items()):
+        copy = work / f"corrupt-{k}"
+        shutil.copytree(root, copy)
+        corrupt(copy)
+        before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+        proc = subprocess.run(_cmd("pma_train.cli.check", [str(copy), "progress_bar=false"], None), cwd=REPO,
+                              env=_env(), capture_output=True, text=True, timeout=300)
+        output = proc.stdout + proc.stderr
+        after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+        lines = [line for line in output.splitlines() if named in line]
+        rows.append({"kind": kind, "detected": proc.returncode == 1 and bool(lines),
+                     "message": (lines[0].strip() if lines else output.strip()[-300:])[:300],
+                     "untouched": before == after})
+    return rows
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -351,13 +422,16 @@ def build_references(work: Path) -> dict:
     return ref
 
 
-def markdown(outcomes: list[Outcome], seconds: float, seed: int) -> str:
+def markdown(outcomes: list[Outcome], corruptions: list[dict], seconds: float, seed: int) -> str:
     lines = [f"Fault injection (seed {seed}, {seconds:.0f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", "",
              "| job | kills | in write window | survived (rerun equal) | half-published | data lost |",
              "|---|---:|---:|---:|---:|---:|"]
     for o in outcomes:
         lines.append(f"| {o.scenario} | {o.kills} | {o.in_write_window} | {o.survived} | {o.half_published} | {o.data_lost} |")
     failures = [f"- {o.scenario}: {f}" for o in outcomes for f in o.failures]
+    lines += ["", "| corrupted | detected by pma-check | files left as they were | message |", "|---|---|---|---|"]
+    lines += [f"| {c['kind']} | {'yes' if c['detected'] else 'NO'} | {'yes' if c['untouched'] else 'NO'} | "
+              f"`{c['message']}` |" for c in corruptions]
     return "\n".join(lines + ([""] + failures if failures else [])) + "\n"
 
 
@@ -382,15 +456,18 @@ def main() -> int:
                     kill_merging(work, rng, args.merge_kills, ref["ckpts"], ref),
                     kill_data(work, rng, args.data_kills, ref["corpus"], ref),
                     kill_export(work, rng, args.export_kills, layout.resolve_checkpoint(ref["ckpts"]), ref)]
+        corruptions = corrupt_files(work, ref["ckpts"])
     seconds = time.perf_counter() - start
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown(outcomes, seconds, args.seed)
+    table = markdown(outcomes, corruptions, seconds, args.seed)
     (args.results_dir / "fault_injection.md").write_text(table)
     (args.results_dir / "fault_injection.json").write_text(json.dumps(
-        {"seed": args.seed, "seconds": seconds, "outcomes": [asdict(o) for o in outcomes]}, indent=2))
+        {"seed": args.seed, "seconds": seconds, "outcomes": [asdict(o) for o in outcomes],
+         "corruptions": corruptions}, indent=2))
     print(table)
     ok = all(o.survived == len_ for o, len_ in zip(outcomes, (args.train_kills, args.merge_kills, args.data_kills,
-                                                               args.export_kills))) and not any(o.half_published or o.data_lost for o in outcomes)
+                                                               args.export_kills))) and not any(o.half_published or o.data_lost for o in outcomes) \
+        and all(c["detected"] and c["untouched"] for c in corruptions)
     return 0 if ok else 1
 
 

@@ -8,6 +8,7 @@ directory behind. Pure filesystem code: the merge engine uses it too.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -137,10 +138,38 @@ def verify_complete(ckpt_dir: str | Path) -> None:
         if file.stat().st_size < size:
             raise CheckpointError(f"{ckpt_dir}: data file {name} is truncated "
                                   f"({file.stat().st_size} of {size} bytes)")
+    check_json_sidecars(ckpt_dir)
     try:
         vet_pickles(ckpt_dir, metadata)
     except UnsafeCheckpointError as err:
         raise CheckpointError(str(err)) from None
+
+
+# The JSON files next to the DCP data: megatron's, the train state (checkpoint/state.py), a merge's
+# provenance (merge/engine.py), the checksums (checkpoint/integrity.py).
+TRAIN_STATE_SIDECAR = "pma_train.json"
+MERGE_PROVENANCE = "pma_merge.json"
+JSON_SIDECARS = ("metadata.json", TRAIN_STATE_SIDECAR, MERGE_PROVENANCE, "checksums.json")
+_TRAIN_STATE_FIELDS = ("iteration", "consumed_samples", "consumed_tokens")
+
+
+def check_json_sidecars(ckpt_dir: Path) -> None:
+    """Each JSON sidecar present parses to an object, and the train state has its counters: a torn or
+    corrupted one is named here rather than failing as a decoding error midway through a load."""
+    for name in JSON_SIDECARS:
+        path = Path(ckpt_dir) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path} is corrupted: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} is corrupted: a JSON {type(data).__name__}, not an object")
+        if name == TRAIN_STATE_SIDECAR:
+            bad = [f for f in _TRAIN_STATE_FIELDS if not isinstance(data.get(f), int) or data[f] < 0]
+            if bad:
+                raise CheckpointError(f"{path} is corrupted: {', '.join(bad)} missing or not a count")
 
 
 def check_loadable(path: str | Path) -> Path:

@@ -32,7 +32,7 @@ SHARDED_METADATA = {
     "singleton_local_shards": False,
     "chained_optim_avoid_prefix": True,
 }
-SIDE_CAR = "pma_train.json"
+SIDE_CAR = layout.TRAIN_STATE_SIDECAR
 
 
 @dataclass

@@ -241,7 +241,7 @@ def _save_generation_config(config, tmp: Path) -> None:
 
 def _merge_record(ckpt: Path) -> dict | None:
     """A pma-merge output records its inputs and weights: carry that along."""
-    record = ckpt / "pma_merge.json"
+    record = ckpt / layout.MERGE_PROVENANCE
     if not record.is_file():
         return None
     try:

@@ -38,7 +38,7 @@ from pma_train.merge.sources import Source, plan_sources
 from pma_train.rss import PeakRss
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROVENANCE = "pma_merge.json"
+PROVENANCE = layout.MERGE_PROVENANCE
 TMP_PREFIX = layout.TMP_PREFIX + "merge-"
 
 
@@ -349,7 +349,7 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
     metadata = assemble_metadata(newest_index.metadata, shapes, tensors, writer.byte_entries)
     with open(tmp / ".metadata", "wb") as f:
         pickle.dump(metadata, f)
-    for name in ("metadata.json", "common.pt", "pma_train.json"):
+    for name in ("metadata.json", "common.pt", layout.TRAIN_STATE_SIDECAR):
         if (newest.path / name).is_file():
             shutil.copy2(newest.path / name, tmp / name)
     provenance = {

@@ -9,7 +9,7 @@ from pathlib import Path
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
 
-SIDE_CAR = "pma_train.json"
+SIDE_CAR = layout.TRAIN_STATE_SIDECAR
 
 
 class SelectionError(ValueError):
