@@ -1,6 +1,6 @@
 """Fault injection kept in CI: benchmarks/fault_injection.py --quick SIGKILLs training saves, merges,
 pma-data and pma-export at seeded random points and reruns them; nothing may be half-published,
-lost, or differ from the uninterrupted result."""
+lost, or differ from the uninterrupted result. Every kind of corrupted file is named by pma-check."""
 
 from __future__ import annotations
 
@@ -21,3 +21,7 @@ def test_kills_leave_nothing_half_published_and_reruns_match(tmp_path):
     for name, o in outcomes.items():
         assert o["failures"] == [] and o["half_published"] == 0 and o["data_lost"] == 0, (name, o)
     assert outcomes["pma-train save"]["in_write_window"] >= 1
+    corruptions = {c["kind"]: c for c in results["corruptions"]}
+    assert len(corruptions) == 8
+    for kind, c in corruptions.items():
+        assert c["detected"] and c["untouched"], (kind, c)
