@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import integrity, layout, rng, space
+from pma_train.checkpoint import extra_state, integrity, layout, rng, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
@@ -307,6 +307,8 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
         state.pop("opt_param_scheduler", None)
     if gpt:
         state.update(_retarget_to_gpt({k: v for k, v in state.items() if k.startswith("model")}, chunks))
+    # Written by the other layer spec (TE / local): `_extra_state` entries differ, tensors may not.
+    extra_state.match_checkpoint({k: v for k, v in state.items() if k.startswith("model")}, ckpt)
     try:
         loaded = dist_checkpointing.load(state, str(ckpt))
     except Exception:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from pma_train.checkpoint import integrity, layout
+from pma_train.checkpoint import extra_state, integrity, layout
 from pma_train.checkpoint.state import _unwrap, model_sharded_state_dict
 
 
@@ -39,6 +39,7 @@ def average_into_model(chunks: list[torch.nn.Module], checkpoints: list[str | Pa
         # The sharded state dict is consumed by a load: build it afresh each time. The load also
         # returns the checkpoint's common state (iteration, args, ...): keep the model parts.
         sharded = model_sharded_state_dict(chunks)
+        extra_state.match_checkpoint(sharded, ckpt)  # written by the other layer spec (TE / local)
         loaded = dist_checkpointing.load(sharded, str(ckpt))
         state = {key: loaded[key] for key in sharded}
         for name, tensor in _tensors(state):
