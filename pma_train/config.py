@@ -97,6 +97,9 @@ class TrainConfig:
     log_interval: int = 10
     # Stop after this many iterations of this process (for tests of resume); None = run to iters.
     exit_after_iters: Optional[int] = None
+    # On these signals, finish the step, save a checkpoint (checkpoint.save_on_signal) and exit with
+    # status 75 (pma_train/train/preemption.py); [] = the signals' default action (killed at once).
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
 
 
 @dataclass
@@ -169,6 +172,8 @@ class CheckpointConfig:
     # Before each save, stop with a clear error unless the file system has room for a checkpoint
     # (the previous one's size). Off where free space is not what limits you (per-user quotas).
     check_free_space: bool = True
+    # Save before stopping on one of train.exit_signals (unless this iteration was just saved).
+    save_on_signal: bool = True
 
 
 @dataclass
@@ -372,6 +377,16 @@ def _check_optimizer(t: TrainConfig) -> None:
         _fail("train.clip_grad", f"must be >= 0 (0 = no clipping), got {t.clip_grad}")
 
 
+# Signals a scheduler sends to ask a job to stop (SIGKILL and SIGSTOP cannot be caught).
+EXIT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def _check_exit_signals(t: TrainConfig) -> None:
+    for name in t.exit_signals:
+        if name not in EXIT_SIGNALS:
+            _fail("train.exit_signals", f"'{name}' is not one of {', '.join(EXIT_SIGNALS)}")
+
+
 def _check_intervals(t: TrainConfig) -> None:
     for name in ("log_interval", "eval_interval"):
         if getattr(t, name) < 1:
@@ -444,6 +459,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         _fail("train.lr", f"must be a positive number, got {t.lr}")
     _check_optimizer(t)
     _check_intervals(t)
+    _check_exit_signals(t)
     if not 0 <= cfg.seed < 2**32:  # numpy's seed range; megatron-core adds per-rank offsets below that
         _fail("seed", f"must be in [0, 2**32), got {cfg.seed}")
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):

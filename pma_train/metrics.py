@@ -21,7 +21,7 @@ from pma_train.config import JobConfig
 
 METRICS_FILE = "metrics.jsonl"
 # Records of events, not of measurements at a step: every one is kept.
-EVENT_KINDS = frozenset({"resume", "recovery", "retention"})
+EVENT_KINDS = frozenset({"resume", "recovery", "retention", "preempted"})
 
 
 def _format(key: str, value: Any) -> str:

@@ -35,6 +35,8 @@ def job(**sections) -> JobConfig:
     ({"parallel__vpp": 2}, 1, "parallel.vpp"),
     ({"train__eval_interval": 0}, 1, "train.eval_interval"),
     ({"train__log_interval": 0}, 1, "train.log_interval"),
+    ({"train__exit_signals": ["SIGKILL"]}, 1, "train.exit_signals"),   # cannot be caught
+    ({"train__exit_signals": ["TERM"]}, 1, "train.exit_signals"),
     ({"train__eval_iters": -1}, 1, "train.eval_iters"),
     ({"train__adam_beta2": 1.0}, 1, "train.adam_beta2"),
     ({"train__adam_beta2": 0.0}, 1, "train.adam_beta2"),

@@ -9,6 +9,7 @@ from pma_train.checkpoint import layout
 from pma_train.merge import ema, sma, wma
 from tests.launch import train
 from tests.test_merge import assert_merged, merge_cli
+from tests.test_plan import MEGATRON_FLOPS_SEQ64
 
 STEPS = 10
 MOE = ["model=tiny_moe", f"train.iters={STEPS}", "train.log_interval=1", "train.eval_interval=5", "train.eval_iters=2",
@@ -47,6 +48,14 @@ def test_ep2_matches_ep1(ep1, ep2):
     assert max(abs(a[k] - b[k]) for k in a) < 2e-4, (a, b)
     assert a[STEPS] < a[1] - 1.0
     assert_same_router_metrics(ep1, ep2)
+
+
+def test_trainer_flops_are_megatron_lms(ep1, ep2):
+    """The trainer's FLOPs per token (from its own modules, any EP) are Megatron-LM's for this MoE."""
+    for run, world in ((ep1, 1), (ep2, 2)):
+        row = run.records("train")[0]
+        per_token = row["tflops_per_rank"] * 1e12 * world / row["tokens_per_s"]
+        assert per_token == pytest.approx(MEGATRON_FLOPS_SEQ64["tiny_moe"], rel=1e-9), (world, per_token)
 
 
 def test_ep2_checkpoint_evaluates_the_same_at_ep1_and_back(ep1, ep2, tmp_path):

@@ -52,6 +52,31 @@ def layout(name: str) -> list[str]:
             "train.global_batch_size=64", "train.micro_batch_size=2", "train.seq_length=4096"]
 
 
+def megatron_lm_flops_per_token(seq: int, vocab: int = 384, h: int = 128, heads: int = 4, kv: int = 32, groups: int = 2,
+                                ffn: int = 352, attention_layers: int = 2, dense_layers: int = 2, moe_layers: int = 0,
+                                topk: int = 0, moe_ffn: int = 0, shared_ffn: int = 0) -> float:
+    """Megatron-LM's `num_floating_point_operations` (megatron/training/training.py) for a GQA SwiGLU
+    GPT, per token of a BSHD batch, written out independently: every GEMM 3 times (forward, wgrad,
+    dgrad) at 2 FLOPs per multiply-add; QKV + output projections; the score and value products
+    halved for the causal mask; SwiGLU MLP (3 matrices); routed experts x top-k and shared experts;
+    the logits. No router, no norms, no embedding lookup. Defaults: the tiny preset."""
+    gemm = 3 * 2
+    q, k_v = heads * kv, groups * kv
+    projections = gemm * (h * (q + 2 * k_v) + q * h)
+    core = gemm * q * seq / 2 * 2  # causal: half of QK^T and of softmax(QK^T) V
+    mlp = gemm * h * ffn * 3
+    moe = gemm * h * (moe_ffn * topk + shared_ffn) * 3
+    logits = gemm * h * vocab
+    return attention_layers * (projections + core) + dense_layers * mlp + moe_layers * moe + logits
+
+
+# Hand-computed from Megatron-LM's formula (seq 64): tiny = 2 x (294,912 projections + 811,008 MLP
+# + 49,152 causal attention) + 294,912 logits; tiny_moe = 2 x (294,912 + 589,824 (2 of 4 experts,
+# FFN 128) + 49,152) + 294,912.
+MEGATRON_FLOPS_SEQ64 = {"tiny": 2_605_056, "tiny_moe": 2_162_688}
+TINY_MOE = dict(dense_layers=0, moe_layers=2, topk=2, moe_ffn=128)
+
+
 def plan_for(overrides: list[str]) -> dict:
     from pma_train.cli.plan import compose
     from pma_train.plan import make_plan
@@ -114,8 +139,24 @@ def test_memory_and_flops_arithmetic():
     # Matrix weights: all but the input embedding (384 x 128) and the 5 norms (128 each).
     matmul = n - 384 * 128 - 5 * 128
     assert plan["flops"]["matmul_params_activated"] == matmul
-    assert plan["flops"]["per_token"]["total"] == 6 * matmul + 12 * 2 * 64 * 128
+    assert plan["flops"]["per_token"]["total"] == 6 * matmul + 6 * 2 * 64 * 128  # causal attention
     assert rank["activation_bytes"] > 0 and rank["microbatches_in_flight"] == 1
+
+
+def test_flops_per_token_are_megatron_lms():
+    """pma-plan's count (from the parameters of the meta-built model) equals Megatron-LM's formula,
+    dense and MoE, whatever the layout."""
+    assert megatron_lm_flops_per_token(64) == MEGATRON_FLOPS_SEQ64["tiny"]
+    assert megatron_lm_flops_per_token(64, **TINY_MOE) == MEGATRON_FLOPS_SEQ64["tiny_moe"]
+    shape = ["train.seq_length=64", "train.global_batch_size=32", "train.micro_batch_size=4"]
+    for name, extra, layout_args in (("tiny", {}, []), ("tiny_moe", TINY_MOE, ["parallel.ep=2", "plan.gpus=2"]),
+                                     ("tiny_moe", TINY_MOE, ["parallel.tp=2", "parallel.ep=2", "plan.gpus=4"])):
+        per_token = plan_for([f"model={name}", *shape, *layout_args])["flops"]["per_token"]
+        assert per_token["total"] == MEGATRON_FLOPS_SEQ64[name], (name, layout_args, per_token)
+    # A shared expert and a longer sequence: the same formula.
+    shared = plan_for(["model=tiny_moe", "model.moe_shared_expert_intermediate_size=96", "train.seq_length=128",
+                       "model.max_position_embeddings=128"])
+    assert shared["flops"]["per_token"]["total"] == megatron_lm_flops_per_token(128, **TINY_MOE, shared_ffn=96)
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -78,7 +78,7 @@ def _run(cfg: DictConfig) -> None:
 
     try:
         trainer = Trainer(job)
-        trainer.train()
+        summary = trainer.train()
     except (LockError, DiskFullError, CheckpointError) as err:
         # Raised on every rank alike (a lock refused, a full disk, a checksum mismatch found while
         # loading): one line from rank 0, and no rank left waiting for another.
@@ -89,6 +89,10 @@ def _run(cfg: DictConfig) -> None:
     if trainer.ckpt_lock is not None:
         trainer.ckpt_lock.release()
     destroy_distributed()
+    if summary["preempted"]:
+        from pma_train.train.preemption import PREEMPTED_EXIT_CODE
+
+        raise SystemExit(PREEMPTED_EXIT_CODE)  # saved and stopped on a signal: a rerun resumes
 
 
 def main() -> None:

@@ -171,7 +171,7 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
     peak = max(ranks, key=lambda r: r["total_bytes"])
 
     matmul_activated = activated(total.matmul, total.matmul_expert)
-    flops = estimate.flops_per_token(matmul_activated, pattern.count("*"), t.seq_length, shape)
+    flops = estimate.flops_per_token(matmul_activated, pattern.count("*"), t.seq_length, shape.heads * kv)
     tokens_per_step = t.global_batch_size * t.seq_length
     return {
         "model": m.name,
@@ -195,7 +195,8 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
         "batch": {"global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
                   "seq_length": t.seq_length, "microbatches_per_step": layout.microbatches,
                   "tokens_per_step": tokens_per_step},
-        "flops": {"formula": "6 * N_matmul + 12 * L_attn * seq_length * h_q per token (forward + backward)",
+        "flops": {"formula": "6 * N_matmul + 6 * L_attn * seq_length * h_q per token (forward + backward; "
+                             "causal attention, as Megatron-LM counts it)",
                   "matmul_params_activated": matmul_activated,
                   "per_token": flops, "per_step": flops["total"] * tokens_per_step,
                   "per_gpu_per_step": flops["total"] * tokens_per_step / gpus},

@@ -37,7 +37,9 @@ class Tally:
     local_expert: int = 0  # of which routed-expert weights
     total: int = 0  # in the model: TP shards x tp, expert shards x ep (x expert-TP), tied copies once
     expert: int = 0  # of which routed-expert weights
-    matmul: int = 0  # of `total`: weights of matrix products (not the input embedding lookup, not norms)
+    # of `total`: weights of the matrix products Megatron-LM counts FLOPs of (not the input embedding
+    # lookup, not norms, not the MoE router)
+    matmul: int = 0
     matmul_expert: int = 0  # of `matmul`: routed-expert weights
 
     def add(self, other: "Tally", times: int = 1) -> None:
@@ -169,10 +171,16 @@ def tally(named_params, tp: int, ep: int, etp: int, tied: bool) -> Tally:
         t.total += n * scale
         t.expert += n * scale if expert else 0
         is_input_embedding = name.startswith("embedding.")
-        if param.dim() >= 2 and (not is_input_embedding or (tied and "word_embeddings" in name)):
+        used_as_matrix = not is_input_embedding or (tied and "word_embeddings" in name)
+        if param.dim() >= 2 and used_as_matrix and not _is_router(name):
             t.matmul += n * scale
             t.matmul_expert += n * scale if expert else 0
     return t
+
+
+def _is_router(name: str) -> bool:
+    # Megatron-LM's FLOPs leave out the router's (hidden x experts) product: so do we, to agree.
+    return ".router." in name
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")

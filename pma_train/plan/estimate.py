@@ -24,12 +24,14 @@ holds min((pp - rank - 1)*2 + (vpp - 1)*pp + 1, micro-batches*vpp) chunk-micro-b
 warm-up count + 1), valued at the mean of its chunks. Not counted: communication and temporary
 buffers, the CUDA context, allocator fragmentation.
 
-FLOPs per token of a training step (forward + backward = 3 x forward):
-  6 * N_matmul + 12 * L_attn * s * h_q
-N_matmul = activated weights of matrix products (routed experts x top-k / experts; the output
-layer; not the input embedding lookup, not norms). 12 * L_attn * s * h_q = the score and value
-products of L_attn attention layers at sequence length s (4 s h_q per token forward), not
-discounted for the causal mask (the usual Megatron / PaLM convention).
+FLOPs per token of a training step (forward + backward = 3 x forward), as Megatron-LM counts them
+(`num_floating_point_operations` in megatron/training/training.py, BSHD batches):
+  6 * N_matmul + 6 * L_attn * s * h_q
+N_matmul = activated weights of matrix products (routed experts x top-k / experts, shared experts;
+the output layer; not the input embedding lookup, not norms, not the MoE router). 6 * L_attn * s *
+h_q = the score and value products (QK^T, softmax(QK^T) V: 4 s h_q per token forward) of L_attn
+attention layers at sequence length s, halved for the causal mask (only half the scores are
+computed), as Megatron-LM has counted them since it split out the core-attention term.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ def in_flight(pp_rank: int, layout: Layout) -> int:
     return min(pp - pp_rank, m)
 
 
-def flops_per_token(matmul_activated: int, attention_layers: int, seq_length: int, s: Shape) -> dict[str, float]:
+def flops_per_token(matmul_activated: int, attention_layers: int, seq_length: int,
+                    query_width: int) -> dict[str, float]:
+    """Model FLOPs per token of a training step; query_width = heads x kv_channels (h_q)."""
     matmul = 6 * matmul_activated
-    attention = 12 * attention_layers * seq_length * s.heads * s.kv_channels
+    attention = 6 * attention_layers * seq_length * query_width  # causal: half of 12 s h_q
     return {"matmul": matmul, "attention": attention, "total": matmul + attention}

@@ -75,7 +75,7 @@ def render(plan: dict[str, Any]) -> str:
         f"{batch['microbatches_per_step']} micro-batches per step on each DP rank")
     pt = fl["per_token"]
     add(f"  FLOPs       per token {flops(pt['total'])} = 6 x {count(fl['matmul_params_activated'])} matmul weights "
-        f"{flops(pt['matmul'])} + attention 12 x L_attn x s x h_q {flops(pt['attention'])}")
+        f"{flops(pt['matmul'])} + causal attention 6 x L_attn x s x h_q {flops(pt['attention'])}")
     add(f"              per step {flops(fl['per_step'])}; per GPU per step {flops(fl['per_gpu_per_step'])}")
     add("")
     opt = ("fp32 main params + Adam m, v" if mem["precision"] != "fp32" else "Adam m, v")

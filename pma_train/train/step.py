@@ -86,19 +86,24 @@ def make_forward_step(device: torch.device, data_timer: DataTimer):
     return forward_step
 
 
-def reduce_lm_loss(losses_reduced: list[dict], device: torch.device) -> tuple[float, float]:
-    """Mean loss per token over the global batch, on every rank.
+def reduce_lm_loss(losses_reduced: list[dict], device: torch.device,
+                   stop_requested: bool = False) -> tuple[float, float, bool]:
+    """Mean loss per token over the global batch, its token count, and whether any rank asks to
+    stop (an exit signal, pma_train/train/preemption.py), the same on every rank.
 
     Only the last pipeline stage holds losses, and its TP ranks hold the same value: those with
     tp rank 0 contribute, everyone else adds zeros, and one all-reduce over the world sums the
-    data-parallel replicas.
+    data-parallel replicas. The stop requests ride on the same all-reduce (a sum > 0: some rank
+    asked), so agreeing on them costs no extra collective.
     """
     from megatron.core import parallel_state
     import torch.distributed as dist
 
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(3, dtype=torch.float64, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0:
         for record in losses_reduced:
-            total += record["lm_loss"].to(total)
+            total[:2] += record["lm_loss"].to(total)
+    total[2] = float(stop_requested)
     dist.all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item(), total[1].item()
+    loss, tokens, stops = total.tolist()
+    return loss / max(tokens, 1.0), tokens, stops > 0

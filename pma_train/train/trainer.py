@@ -28,6 +28,7 @@ from pma_train.schedule import build_annealing_scheduler, build_scheduler, sched
 from pma_train.train.flops import flops_per_token, peak_flops_per_gpu
 from pma_train.train.moe_metrics import MoEMetrics
 from pma_train.train.optim import build_optimizer, wrap_ddp
+from pma_train.train.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from pma_train.train.spike import RecoveryBudget, SpikeDetector
 from pma_train.train.step import DataTimer, PhaseTimer, make_forward_step, reduce_lm_loss
 
@@ -39,6 +40,7 @@ class StepResult:
     lr: float
     skipped: bool
     seconds: dict[str, float]
+    stop: bool = False  # some rank received an exit signal: every rank stops after this step
 
 
 class Trainer:
@@ -99,6 +101,8 @@ class Trainer:
         self.moe_metrics = MoEMetrics(self.model, self.model_config, cfg.model.pattern(),
                                       cfg.parallel.sequence_parallel) if cfg.model.num_experts else None
         self._spike_steps_left: int | None = None
+        self.stop_signals = StopSignals([])  # installed while train() runs
+        self.last_saved_iteration: int | None = None
         rng.restore(loaded_rng)
 
     # ------------------------------------------------------------------ setup helpers
@@ -173,11 +177,19 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
+        self.stop_signals = StopSignals(self.cfg.train.exit_signals).install()
+        try:
+            return self._train()
+        finally:
+            self.stop_signals.restore()
+
+    def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         self.log.print(f"pma-train: {self._describe()}")
         for line in self.log_lines:
             self.log.print(line)
         start_iter, start_time = self.state.iteration, time.perf_counter()
+        preempted = None
         window = _Window()
         last_eval = None
         # eval_iters=0 turns evaluation off, as in Megatron-LM: no validation loss is logged.
@@ -216,6 +228,9 @@ class Trainer:
                     track_start = time.perf_counter()
                     self.tracker.add(it)
                     self.track_seconds += time.perf_counter() - track_start
+            if result.stop and it < t.iters:  # the last iteration finishes as usual
+                preempted = self._stop_on_signal()
+                break
             if evaluating and (it % t.eval_interval == 0 or it == t.iters):
                 last_eval = self.evaluate()
                 self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens,
@@ -223,7 +238,8 @@ class Trainer:
         elapsed = time.perf_counter() - start_time
         summary = {"iterations": self.state.iteration - start_iter, "final_iteration": self.state.iteration,
                    "val_loss": last_eval, "seconds": elapsed, "run_dir": str(self.run_dir),
-                   "train_step_seconds": self.train_seconds, "track_seconds": self.track_seconds}
+                   "train_step_seconds": self.train_seconds, "track_seconds": self.track_seconds,
+                   "preempted": preempted}
         if self.tracker is not None:
             self.log.log(self.state.iteration, {"train_step_seconds": self.train_seconds,
                                                 "track_snapshot_seconds": self.track_seconds,
@@ -249,13 +265,13 @@ class Trainer:
         if updated:
             self.scheduler.step(increment=scheduler_increment(t))
         self.timer.mark("optimizer")
-        loss, _ = reduce_lm_loss(losses, self.platform.device)
+        loss, _, stop = reduce_lm_loss(losses, self.platform.device, self.stop_signals.requested)
         self.timer.mark("loss_reduce")
         self.state.iteration += 1
         self.state.consumed_samples += t.global_batch_size
         self.state.consumed_tokens += self.tokens_per_iter
         lr = self.optimizer.param_groups[0]["lr"]
-        return StepResult(loss, float(grad_norm or 0.0), lr, not updated, {"data": self.data_timer.pop()})
+        return StepResult(loss, float(grad_norm or 0.0), lr, not updated, {"data": self.data_timer.pop()}, stop)
 
     @torch.no_grad()
     @rng.preserved()  # training's random streams are the same however often it evaluates
@@ -304,6 +320,7 @@ class Trainer:
                                      self.scheduler)
         average_into_model(self.model, paths, sma(len(paths)))
         self.optimizer.reload_model_params()
+        self.last_saved_iteration = None  # the iterations ahead are trained again
         skipped = samples - self.state.consumed_samples if sp.skip_data else 0
         if sp.skip_data:  # go on past the data that led into the spike
             self.state.consumed_samples, self.state.consumed_tokens = samples, tokens
@@ -351,10 +368,23 @@ class Trainer:
                     prune(self.run_dir / "merged", keep, None, None)
         return {"loss_merged": loss, "merged_iterations": self.tracker.iterations}
 
+    def _stop_on_signal(self) -> str:
+        """Every rank agreed to stop after this step: save (unless just saved), record it."""
+        it = self.state.iteration
+        path = None
+        if self.cfg.checkpoint.save_on_signal:
+            path = self.save() if self.last_saved_iteration != it else self.ckpt_root / layout.iter_dir_name(it)
+        # A rank the signal did not reach stops too; it knows only that another rank got one.
+        name = self.stop_signals.first() or "signal on another rank"
+        self.log.log(it, {"signal": name, "checkpoint": None if path is None else str(path),
+                          "exit_code": PREEMPTED_EXIT_CODE}, kind="preempted")
+        return name
+
     def save(self) -> Path:
         path = save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,
                                self.scheduler, self.state, megatron_args(self.cfg, self.state, self.tokenizer.vocab_size),
                                check_space=self.cfg.checkpoint.check_free_space)
+        self.last_saved_iteration = self.state.iteration
         if self.cfg.checkpoint.retention.enabled and self.rank0:
             self._prune()
         return path
