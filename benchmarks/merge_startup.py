@@ -18,6 +18,7 @@ import atexit
 import json
 import os
 import re
+import resource
 import runpy
 import shutil
 import socket
@@ -40,11 +41,15 @@ def _watched() -> list[str]:
     return sorted({m.split(".")[0] for m in sys.modules} & set(WATCHED))
 
 
+def _report() -> None:
+    # One write per line: the ranks share the pipe (print writes the newline separately).
+    line = json.dumps({"rank": int(os.environ.get("RANK", "0")), **_status_bytes(), "imported": _watched()})
+    os.write(1, f"RANK_PEAK {line}\n".encode())
+
+
 def rank_entry(argv: list[str]) -> None:
     """torchrun target: run `argv[0]` as its command (python -m), then print this rank's memory."""
-    atexit.register(lambda: print("RANK_PEAK " + json.dumps({"rank": int(os.environ.get("RANK", "0")),
-                                                              **_status_bytes(), "imported": _watched()}),
-                                  flush=True))
+    atexit.register(_report)
     sys.argv = argv
     runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
 
@@ -53,15 +58,24 @@ def _lines(proc: subprocess.CompletedProcess, tag: str) -> list[dict]:
     return [json.loads(x[len(tag) + 1:]) for x in proc.stdout.splitlines() if x.startswith(tag + " ")]
 
 
+def _timed(run, cmd: list[str]) -> tuple[float, float]:
+    """(wall, CPU seconds of the command): CPU time, unlike wall time, barely depends on the machine's load."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _, wall = run(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def measure(run, torchrun: list[str], plain: list[str], merge_args: list[str], out: Path) -> dict:
     """`run(cmd) -> (proc, wall)`; torchrun: the launcher's argv for 2 ranks; plain: how the merge command
     starts alone (`pma-merge`, or python -m pma_train.cli.merge); merge_args: a merge into `out`."""
-    dry = [run(plain + merge_args + ["dry_run=true"])[1] for _ in range(3)]
+    dry, dry_cpu = zip(*(_timed(run, plain + merge_args + ["dry_run=true"]) for _ in range(3)))
     listed, _ = run([sys.executable, __file__, "_rank", "pma_train.cli.merge", *merge_args, "dry_run=true"])
     proc, wall = run(torchrun + [__file__, "_rank", "pma_train.cli.merge", *merge_args])
     shutil.rmtree(out, ignore_errors=True)
     proc_torch, _ = run([sys.executable, __file__, "_torch_only"])
     return {"dry_run_s": dry, "dry_run_s_median": statistics.median(dry),
+            "dry_run_cpu_s_median": statistics.median(dry_cpu),
             "dry_run_imported": _lines(listed, "RANK_PEAK")[0]["imported"], "torchrun_2_wall_s": wall,
             "ranks": sorted(_lines(proc, "RANK_PEAK"), key=lambda r: r["rank"]),
             "import_torch_only": _lines(proc_torch, "RANK_PEAK")[0], "loadavg": list(os.getloadavg())}
@@ -74,7 +88,8 @@ def markdown_lines(lean: dict) -> list[str]:
     torch_only = lean["import_torch_only"]["VmHWM"]
     return ["## Lean path: start-up and whole-process memory", "",
             f"`pma-merge ... dry_run=true`, one process: {lean['dry_run_s_median']:.2f} s wall (median of 3; "
-            f"goal < 1.5 s), imported {', '.join(lean['dry_run_imported']) or 'none'} of {', '.join(WATCHED)}. "
+            f"goal < 1.5 s; {lean['dry_run_cpu_s_median']:.2f} s CPU), imported "
+            f"{', '.join(lean['dry_run_imported']) or 'none'} of {', '.join(WATCHED)}. "
             f"`torchrun --nproc-per-node 2 pma-merge`: {lean['torchrun_2_wall_s']:.1f} s wall; peak RSS per rank "
             f"(VmHWM, whole process) {per_rank} MiB (goal <= 300 MiB; "
             f"at exit anonymous {max(r['RssAnon'] for r in ranks) / MiB:.0f} MiB, file-backed "
@@ -120,6 +135,6 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "_torch_only":
         import torch  # noqa: F401
 
-        print("RANK_PEAK " + json.dumps({"rank": 0, **_status_bytes(), "imported": _watched()}), flush=True)
+        _report()
     else:
         main()
