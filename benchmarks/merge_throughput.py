@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+import merge_startup  # this directory: the lean path's start-up and memory figures
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASENAME = "merge_throughput"
@@ -643,9 +645,11 @@ def _run_benchmark(args, work: Path) -> dict:
     imports = [_parse(proc, "IMPORTS")]
     proc, interp = _run([sys.executable, "-c", "pass"])
     _, noop = _run(_torchrun(2) + [__file__, "_noop"])
-    _, dry = _run(cli_commands(root, out, args)[1][1] + ["dry_run=true"])
+    plain = cli_commands(root, out, args)[1][1]
+    result["lean"] = merge_startup.measure(_run, _torchrun(2), plain[:-len(merge_args(root, out, args))],
+                                           merge_args(root, out, args), out)
     result["startup"] = {"imports": imports[0], "bare_interpreter_s": interp, "torchrun_2_noop_s": noop,
-                         "pma_merge_dry_run_s": dry}
+                         "pma_merge_dry_run_s": result["lean"]["dry_run_s_median"]}
 
     # ---- naive baseline
     if not args.no_naive:
@@ -685,10 +689,14 @@ def _run_benchmark(args, work: Path) -> dict:
     return result
 
 
+def merge_args(root: Path, out: Path, args) -> list[str]:
+    return ["progress_bar=false", f"root={root}", f"n={args.n}", f"v_tokens={V_TOKENS}", "method=sma",
+            f"memory_budget_mb={args.budget_list[0]}", f"output={out}"]
+
+
 def cli_commands(root: Path, out: Path, args) -> list[tuple[str, list[str], str]]:
     """(label, argv, how it reads in the report) of the whole-command runs."""
-    common = ["progress_bar=false", f"root={root}", f"n={args.n}", f"v_tokens={V_TOKENS}", "method=sma",
-              f"memory_budget_mb={args.budget_list[0]}", f"output={out}"]
+    common = merge_args(root, out, args)
     shown = " ".join(common).replace(str(root), "<root>").replace(str(out), "<out>")
     pma_merge = Path(sys.executable).parent / "pma-merge"
     plain = [str(pma_merge)] if pma_merge.exists() else [sys.executable, "-m", "pma_train.cli.merge"]
@@ -853,6 +861,8 @@ def markdown(result: dict, agg: dict) -> str:
               f"`pma-merge ... dry_run=true` (1 process: imports, hydra, selection; no merge) "
               f"{st.get('pma_merge_dry_run_s', float('nan')):.1f} s; `torchrun --nproc-per-node 2` of a worker that only "
               f"imports the engine, joins the gloo group and leaves {st.get('torchrun_2_noop_s', float('nan')):.1f} s."]
+    if "lean" in result:
+        lines += [""] + merge_startup.markdown_lines(result["lean"])
     if result["cli_runs"]:
         lines += ["", "stdout line of the last 2-rank run:", "", "```",
                   next((r["stdout_line"] for r in reversed(result["cli_runs"]) if r["label"] == "torchrun 2 ranks"), ""), "```"]

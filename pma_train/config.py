@@ -211,6 +211,8 @@ class WandbConfig:
 class LoggingConfig:
     jsonl: bool = True
     progress_bar: bool = True
+    # Show third-party start-up warnings (Transformer Engine / Apex absent, deprecations: cli/quiet.py).
+    verbose: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -11,12 +11,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from pma_train.checkpoint.layout import CheckpointError, check_loadable
 from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.cli.quiet import quiet_third_party
 from pma_train.config import ConfigError, EvalConfig, validate
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _run(node: DictConfig) -> None:
     cfg: EvalConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), node))
+    if not cfg.logging.verbose:
+        quiet_third_party()
     try:
         validate(cfg)
         if cfg.train.eval_iters < 1:  # 0 turns a training run's evaluation off; here it would give 0.0

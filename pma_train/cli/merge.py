@@ -1,4 +1,9 @@
-"""`pma-merge`: average checkpoints with the sharded engine (hydra; runs under torchrun or alone)."""
+"""`pma-merge`: average checkpoints with the sharded engine (hydra; runs under torchrun or alone).
+
+Stays on the lean path: torch and pma_train's merge / checkpoint packages only (no megatron-core, wandb,
+transformers or matplotlib; tests/test_lean_imports.py). A dry run does not even import torch: it reads
+the inputs' pma_train.json side-cars only (a Megatron-LM checkpoint without one: its common state).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,10 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.cli.common import CONF_DIR
 from pma_train.checkpoint.layout import CheckpointError, read_tracker, verify_complete
 from pma_train.config import ConfigError, MergeConfig, validate_merge
 from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
@@ -34,9 +40,14 @@ def selection(cfg: MergeConfig):
         inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration)
     weights = merge_weights(cfg.method, len(inputs), cfg.alpha, explicit, cfg.normalize,
                             cfg.allow_negative_weights, cfg.decay_shape)
-    for info in inputs:  # complete and safe to load, before any process group
-        verify_complete(info.path)
     return inputs, weights, note
+
+
+def verify_inputs(inputs) -> None:
+    """Every input complete and safe to load, before any process group. Not on a dry run: vetting the
+    pickles needs torch (seconds of start-up), and a dry run only shows the selection."""
+    for info in inputs:
+        verify_complete(info.path)
 
 
 def print_selection(inputs, weights, note: str | None = None) -> None:
@@ -54,6 +65,8 @@ def _run(node: DictConfig) -> None:
     try:
         validate_merge(cfg)
         inputs, weights, note = selection(cfg)
+        if not cfg.dry_run:
+            verify_inputs(inputs)
         if cfg.output:
             read_tracker(Path(cfg.output))  # an unreadable tracker of the output fails now, not after the merge
     except (ConfigError, SelectionError, WeightError, CheckpointError) as err:
@@ -100,7 +113,8 @@ def _run(node: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    # The merge schema only: the trainer's groups (model presets, schedules) are no merge options.
+    ConfigStore.instance().store(name="merge_schema", node=MergeConfig)
     _run()
 
 

@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.cli.quiet import quiet_third_party
 from pma_train.checkpoint.layout import CheckpointError, check_loadable, is_gpt_checkpoint, list_iterations
 from pma_train.checkpoint.origin import check_restart_of_init_run
 from pma_train.config import ConfigError, JobConfig, check_output_dirs, to_job_config, validate
@@ -62,6 +63,8 @@ def _check_init_merge(job: JobConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _run(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
+    if not job.logging.verbose:
+        quiet_third_party()
     try:
         # Before megatron-core is even imported, let alone a process group started.
         validate(job)

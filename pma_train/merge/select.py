@@ -38,12 +38,13 @@ def describe(path: str | Path) -> CheckpointInfo:
 def _megatron_tokens(ckpt: Path) -> int | None:
     """consumed_train_samples * seq_length from a Megatron-LM checkpoint's args, if readable."""
     if not (ckpt / "metadata.json").is_file() and not (ckpt / "common.pt").is_file():
-        return None  # not written by megatron: no args to read (and no need to import megatron)
-    layout.verify_complete(ckpt)  # megatron-core unpickles the common state with plain pickle
-    try:
-        from megatron.core.dist_checkpointing import load_common_state_dict
+        return None  # not written by megatron-core: no args to read
+    layout.verify_complete(ckpt)  # every pickle vetted before any is read
+    # Imported here: it needs torch (the DCP metadata), which a selection from side-cars never does.
+    from pma_train.checkpoint.common_state import read_common_state
 
-        args = load_common_state_dict(str(ckpt)).get("args")
+    try:
+        args = read_common_state(ckpt).get("args")
     except Exception:  # not a megatron checkpoint, or unreadable common state: tokens unknown
         return None
     if args is None or not hasattr(args, "consumed_train_samples"):
