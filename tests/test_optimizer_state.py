@@ -1,5 +1,6 @@
-"""Optimizer state for checkpoints: torch's Adam gets a per-parameter `step`, FusedAdam (TE / apex,
-which count steps in the param group) must not, and its group step stays an int after a load."""
+"""State that crosses hosts in checkpoints: torch's Adam gets a per-parameter `step`, FusedAdam (TE / apex,
+which count steps in the param group) must not, its group step stays an int after a load; RNG tracker
+states move between CPU and GPU hosts only where they fit."""
 
 from __future__ import annotations
 
@@ -35,3 +36,13 @@ def test_fused_adam_gets_moments_only_and_an_integer_group_step():
     wrapper.optimizer.param_groups[0]["step"] = 7.0  # as a torch-Adam checkpoint records it
     _integer_group_steps(wrapper)
     assert wrapper.optimizer.param_groups[0]["step"] == 7 and isinstance(wrapper.optimizer.param_groups[0]["step"], int)
+
+
+def test_rng_tracker_states_move_between_cpu_and_gpu_hosts_only_when_they_fit():
+    from pma_train.checkpoint.rng import transferable
+
+    cpu = {"model-parallel-rng": torch.get_rng_state()}  # a CPU generator's state (5056 bytes)
+    cuda = {"model-parallel-rng": torch.zeros(16, dtype=torch.uint8)}  # what a CUDA generator's looks like
+    assert transferable(cpu, {"model-parallel-rng": torch.get_rng_state()})
+    assert not transferable(cuda, cpu) and not transferable(cpu, cuda)  # measured on an H200: size errors
+    assert not transferable({"expert-parallel-rng": torch.get_rng_state()}, cpu)

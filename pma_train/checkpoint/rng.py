@@ -42,8 +42,17 @@ def restore(state: dict) -> None:
     if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     tracker = state["rng_tracker_states"]
-    tensor_parallel.get_cuda_rng_tracker().set_states(
-        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tracker.items()})
+    if tracker is not None:
+        tensor_parallel.get_cuda_rng_tracker().set_states(
+            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tracker.items()})
+
+
+def transferable(saved_tracker: dict, current_tracker: dict) -> bool:
+    """Whether a checkpoint's tracker states fit this host's generators. A CUDA host's tracker holds
+    CUDA generator states (16 bytes), a CPU host's CPU generator states (docs/cpu-compat.md): a
+    checkpoint moved between the two resumes with this host's own device streams instead."""
+    return all(key in current_tracker and isinstance(value, torch.Tensor)
+               and value.numel() == current_tracker[key].numel() for key, value in saved_tracker.items())
 
 
 @contextlib.contextmanager
@@ -75,4 +84,7 @@ def restore_saved(states: list[dict]) -> None:
     """This rank's entry of a checkpoint's list; the first when the data-parallel size changed
     (or the checkpoint holds one entry, as Megatron-LM writes by default)."""
     rank, size = dist.get_rank(_data_parallel_group()), dist.get_world_size(_data_parallel_group())
-    restore(states[rank] if len(states) == size else states[0])
+    state = states[rank] if len(states) == size else states[0]
+    if not transferable(state["rng_tracker_states"], tensor_parallel.get_cuda_rng_tracker().get_states()):
+        state = {**state, "rng_tracker_states": None, "cuda_rng_state": None}
+    restore(state)
