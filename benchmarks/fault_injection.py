@@ -304,9 +304,9 @@ def kill_export(work: Path, rng: random.Random, kills: int, ckpt: Path, referenc
 
 
 def _export_files(out: Path) -> dict[str, bytes]:
-    # Provenance records timings; everything else must be byte-identical.
+    # Provenance records timings (and checksums.json covers it); everything else must be byte-identical.
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())
-            if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != "pma_export.json"}
+            if p.is_file() and p.suffix in (".safetensors", ".json") and p.name not in ("pma_export.json", "checksums.json")}
 
 
 # ----------------------------------------------------------------------------- corruption
