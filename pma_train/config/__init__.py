@@ -1,0 +1,37 @@
+"""Typed configs (`schema.py`) and their validation (`checks.py`); imports nothing of the trainer, the
+model or megatron-core."""
+
+from pma_train.config.schema import (  # noqa: F401
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    ScheduleConfig,
+    MergeWeighting,
+    InitMergeConfig,
+    RetentionConfig,
+    CheckpointConfig,
+    TokenizerConfig,
+    DataConfig,
+    WandbConfig,
+    LoggingConfig,
+    TrackConfig,
+    SpikeConfig,
+    RunConfig,
+    JobConfig,
+    EvalConfig,
+    DataPrepConfig,
+    to_job_config,
+    MergeConfig,
+)
+from pma_train.config.checks import (  # noqa: F401
+    world_size_from_env,
+    track_spacing_iters,
+    METHODS,
+    MERGE_DECAY_SHAPES,
+    EXIT_SIGNALS,
+    validate,
+    check_writable,
+    check_output_dirs,
+    validate_merge,
+)

@@ -1,0 +1,357 @@
+"""The typed configuration of every command: dataclasses that hydra composes with the YAML files in
+`pma_train/conf/` and `model_configs/`. Their checks live beside them in `checks.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A dense transformer block is one attention layer ('*') and one MLP layer ('-').
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: int = 352
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = 2  # GQA; None = multi-head attention
+    kv_channels: Optional[int] = None
+    # Explicit hybrid layer pattern (e.g. "*-*-" dense, "*E*E" MoE). Empty = "*-" * num_layers.
+    layer_pattern: str = ""
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    activation: str = "swiglu"
+    add_bias_linear: bool = False
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    max_position_embeddings: int = 4096
+    untie_embeddings_and_output_weights: bool = True
+    # The vocabulary is padded to a multiple of this (independent of TP, so shapes never change).
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # MoE (used by 'E' layers of the pattern)
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 1e-2
+    moe_z_loss_coeff: Optional[float] = None
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+    moe_capacity_factor: Optional[float] = None
+    moe_router_load_balancing_type: str = "aux_loss"
+    # Free text: how the parameter count of a preset comes out.
+    notes: str = ""
+
+    def pattern(self) -> str:
+        return self.layer_pattern or "*-" * self.num_layers
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # Virtual pipeline stages per rank (interleaved 1F1B); None = not interleaved.
+    vpp: Optional[int] = None
+    ep: int = 1
+    # Sequence parallel with TP > 1 (Megatron-LM's usual setting). Ignored at TP = 1.
+    sequence_parallel: bool = True
+    use_distributed_optimizer: bool = True
+    # Override the automatic choice: "nccl" on CUDA hosts, "gloo" elsewhere.
+    backend: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 600
+    global_batch_size: int = 16
+    micro_batch_size: int = 4
+    seq_length: int = 128
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    # "auto" = bf16 on GPUs, fp32 on CPU.
+    precision: str = "auto"
+    eval_interval: int = 100
+    eval_iters: int = 8
+    # Evaluate once before the first step (e.g. to see where a loaded checkpoint stands).
+    eval_at_start: bool = False
+    log_interval: int = 10
+    # Stop after this many iterations of this process (for tests of resume); None = run to iters.
+    exit_after_iters: Optional[int] = None
+    # On these signals, finish the step, save a checkpoint (checkpoint.save_on_signal) and exit with
+    # status 75 (pma_train/train/preemption.py); [] = the signals' default action (killed at once).
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM"])
+
+
+@dataclass
+class ScheduleConfig:
+    # constant | wsd | cosine | anneal. `anneal` is an annealing branch: fork from checkpoint.load
+    # (weights + optimizer) and decay from train.lr to train.min_lr with decay_shape, from the
+    # fork's iteration to train.iters, in a run (and checkpoint.dir) of its own.
+    name: str = "constant"
+    warmup_iters: int = 20
+    # WSD decay: shape linear | cosine | 1-sqrt | exponential; length as a fraction of train.iters,
+    # or an explicit number of iterations or tokens (the first one set wins: tokens, iters, fraction).
+    decay_shape: str = "1-sqrt"
+    decay_fraction: float = 0.2
+    decay_iters: Optional[int] = None
+    decay_tokens: Optional[int] = None
+
+
+@dataclass
+class MergeWeighting:
+    """How the merged checkpoints are weighted (pma_train/merge/weights.py): sma | ema (alpha) | wma |
+    decay (decay_shape: linear | cosine | 1-sqrt; weights equivalent to annealing the LR, WSM)."""
+
+    method: str = "sma"
+    alpha: float = 0.2
+    decay_shape: str = "linear"
+
+
+@dataclass
+class InitMergeConfig(MergeWeighting):
+    """PMA-init: start from the average of a run's last n checkpoints (fresh optimizer, iteration 0)."""
+
+    root: Optional[str] = None
+    n: int = 10
+    v_tokens: Optional[int] = None
+    v_iterations: Optional[int] = None
+    end_iteration: Optional[int] = None
+
+
+@dataclass
+class RetentionConfig:
+    """Delete old checkpoints, keeping the latest, the last `keep_last`, and the merge grid."""
+
+    enabled: bool = False
+    keep_last: int = 2
+    # Grid spacing in iterations and how many grid points to keep (None: all). By default the
+    # tracked merge's grid (track.v_*, track.n) when tracking is on.
+    grid_every: Optional[int] = None
+    grid_last: Optional[int] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # Checkpoint root (Megatron-LM layout: <dir>/iter_0000100/, latest_checkpointed_iteration.txt).
+    dir: str = "${run.dir}/checkpoints"
+    interval: int = 100
+    save_optimizer: bool = True
+    save_at_end: bool = True
+    # Resume from this root (its latest) or an iter_* directory. Default: auto-resume from `dir`.
+    load: Optional[str] = None
+    # Initialise the model weights only (fresh optimizer, iteration 0) from a checkpoint root or
+    # iter_* directory. A Megatron-LM GPTModel checkpoint works too.
+    init_from: Optional[str] = None
+    # Load the model only when resuming (optimizer re-initialised).
+    no_load_optim: bool = False
+    init_merge: InitMergeConfig = field(default_factory=InitMergeConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    # One job writes `dir` at a time (lock file <dir>/.pma-lock). Take over a lock that another host
+    # left behind (that host's job must no longer run: this host cannot check).
+    force_unlock: bool = False
+    # Before each save, stop with a clear error unless the file system has room for a checkpoint
+    # (the previous one's size). Off where free space is not what limits you (per-user quotas).
+    check_free_space: bool = True
+    # Save before stopping on one of train.exit_signals (unless this iteration was just saved).
+    save_on_signal: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    # byte | huggingface
+    type: str = "byte"
+    # tokenizer.json of a Hugging Face tokenizer (local file, never downloaded)
+    path: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # Indexed dataset prefixes (path/to/name for name.bin + name.idx). Empty = built-in corpus.
+    paths: list[str] = field(default_factory=list)
+    # Blending weights, one per path (empty = equal).
+    weights: list[float] = field(default_factory=list)
+    # train,valid,test split of every dataset, as Megatron-LM writes it.
+    split: str = "949,50,1"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Where prepared data (built-in corpus, dataset index caches) goes.
+    cache_dir: str = "${oc.env:PMA_CACHE_DIR,${oc.env:HOME}/.cache/pma-train}"
+    num_workers: int = 0
+
+
+@dataclass
+class WandbConfig:
+    # disabled | offline | online
+    mode: str = "disabled"
+    project: str = "pma-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    progress_bar: bool = True
+    # Show third-party start-up warnings (Transformer Engine / Apex absent, deprecations: cli/quiet.py).
+    verbose: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrackConfig(MergeWeighting):
+    """Track the PMA merge of the run's last n grid checkpoints and evaluate it next to the live model."""
+
+    enabled: bool = False
+    n: int = 5
+    # Grid spacing: every v_iterations (default checkpoint.interval) or v_tokens; a multiple of
+    # checkpoint.interval, since snapshots are taken when checkpoints are.
+    v_iterations: Optional[int] = None
+    v_tokens: Optional[int] = None
+    # Also save the merged weights (model only) under <run.dir>/merged at every eval, keeping the
+    # newest `save_keep_last` of them (null: all).
+    save: bool = False
+    save_keep_last: Optional[int] = 1
+
+
+@dataclass
+class SpikeConfig:
+    """Loss-spike recovery: restore the merge of the last good checkpoints and skip the bad data."""
+
+    enabled: bool = False
+    # A step is a spike when its loss is `zscore` robust sigmas (MAD) above the median of the last
+    # `window` good losses (after `min_history` of them), or not finite, or its grad norm exceeds
+    # `grad_norm_threshold`.
+    window: int = 50
+    min_history: int = 20
+    zscore: float = 8.0
+    grad_norm_threshold: Optional[float] = None
+    # Restore the SMA of the last `merge_last` checkpoints saved at least `guard_iters` before the spike.
+    merge_last: int = 3
+    guard_iters: int = 2
+    restore_optimizer: bool = True
+    # Continue with the data after the spike instead of replaying the window that led to it.
+    skip_data: bool = True
+    # Stop the run when more than `max_recoveries` happen within `recovery_window` iterations.
+    max_recoveries: int = 3
+    recovery_window: int = 1000
+    # Testing aid: multiply the LR by inject_lr_mult for inject_iters iterations from inject_at (once).
+    inject_at: Optional[int] = None
+    inject_iters: int = 3
+    inject_lr_mult: float = 1000.0
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/${model.name}-${now:%Y%m%d-%H%M%S}"
+    name: str = "${model.name}"
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    seed: int = 1234
+
+
+@dataclass
+class EvalConfig(JobConfig):
+    """`pma-eval`: validation loss of checkpoints under a pma-train job config (model, data, parallel,
+    train.eval_iters / micro_batch_size / seq_length), the same numbers the trainer logs."""
+
+    # Checkpoint roots or iter_* dirs, any parallel layout.
+    checkpoints: list[str] = field(default_factory=list)
+    # Also write the results as JSON here.
+    output: Optional[str] = None
+
+
+@dataclass
+class DataPrepConfig:
+    """`pma-data`: tokenize documents into <output_prefix>.bin/.idx (megatron-core indexed dataset)."""
+
+    # Input files, read in this order, streamed: .jsonl / .jsonl.gz (one JSON object per line, the
+    # text under `json_key`) or .txt / .txt.gz (documents separated by blank lines).
+    inputs: list[str] = field(default_factory=list)
+    json_key: str = "text"
+    # Writes <output_prefix>.bin and <output_prefix>.idx; give pma-train data.paths=[<output_prefix>].
+    output_prefix: Optional[str] = None
+    # Replace an existing <output_prefix>.bin/.idx.
+    overwrite: bool = False
+    # type=byte (UTF-8 bytes, no file) | huggingface with path=<local tokenizer.json>; the same
+    # settings as pma-train's data.tokenizer, which must match when training on the output.
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # Tokenizing processes; null = the CPUs this process may use. The output is byte-identical for any number.
+    workers: Optional[int] = None
+    # Documents per batch handed to a worker (a batch also ends at 1 MiB of text).
+    batch_size: int = 256
+    # A tqdm bar (documents, tokens/s) on stderr when it is a terminal.
+    progress_bar: bool = True
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """An OmegaConf node (or a JobConfig) as a plain JobConfig object with resolved values."""
+    from omegaconf import OmegaConf
+
+    if isinstance(cfg, JobConfig):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass
+class MergeConfig(MergeWeighting):
+    """`pma-merge`: average checkpoints (PMA). Inputs are explicit dirs, or a root plus a selection."""
+
+    # Explicit checkpoint directories (iter_* dirs or roots; merged oldest first whatever the order listed,
+    # each checkpoint once) ...
+    inputs: list[str] = field(default_factory=list)
+    # ... or a checkpoint root: the last `n` checkpoints spaced `v_tokens` (or `v_iterations`) apart,
+    # the newest at or before `end_iteration` (default: the root's latest).
+    root: Optional[str] = None
+    n: int = 10
+    v_tokens: Optional[int] = None
+    v_iterations: Optional[int] = None
+    end_iteration: Optional[int] = None
+    # method=explicit (besides MergeWeighting's): these weights, one per input in the order inputs are
+    # listed (a weight moves with its input when inputs are sorted oldest first); with root, oldest first.
+    weights: list[float] = field(default_factory=list)
+    normalize: bool = True
+    allow_negative_weights: bool = False
+    # Output checkpoint root: <output>/iter_XXXXXXX (the newest input's iteration) + latest tracker.
+    output: Optional[str] = None
+    overwrite: bool = False
+    # One merge writes `output` at a time (lock file <output>/.pma-lock); take over a lock another
+    # host left behind (that host's merge must no longer run: this host cannot check).
+    force_unlock: bool = False
+    # Per-rank memory for merge buffers; pieces of tensors are sized to fit.
+    memory_budget_mb: int = 256
+    # Accumulation precision fp32 | fp64; output dtype: "input" keeps each tensor's dtype.
+    accumulate_dtype: str = "fp32"
+    output_dtype: str = "input"
+    # Carry the optimizer state so training resumes from the merge: main params merged, moments of the newest input.
+    carry_optimizer: bool = False
+    # Print the selection and weights, merge nothing.
+    dry_run: bool = False
+    progress_bar: bool = True
