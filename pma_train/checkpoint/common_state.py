@@ -17,13 +17,13 @@ import zipfile
 from pathlib import Path
 
 from pma_train.checkpoint import layout
-from pma_train.checkpoint.safe_pickle import OBJECT_GLOBALS, RestrictedUnpickler, archive_pickles
+from pma_train.checkpoint.safe_pickle import OBJECT_GLOBALS, Inert, RestrictedUnpickler, archive_pickles
 
 LEGACY_FILE = "common.pt"  # megatron-core < 0.19 (and Megatron-LM releases built on it)
 ENTRY_PREFIX = "common_state"  # megatron-core >= 0.19: a ShardedObject in the DCP data
 
 # What the common state's values are built from: plain, code-free classes. Everything else on the
-# allow-list becomes an _Opaque placeholder.
+# allow-list becomes an inert placeholder (safe_pickle.Inert).
 _BUILT = frozenset({
     ("argparse", "Namespace"), ("types", "SimpleNamespace"), ("collections", "OrderedDict"),
     ("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"), ("__builtin__", "frozenset"),
@@ -31,27 +31,14 @@ _BUILT = frozenset({
 })
 
 
-class _Opaque:
-    """A value the caller does not need (a tensor, an array, an enum): built, filled and called inertly."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
 class _CommonUnpickler(RestrictedUnpickler):
     allowed = OBJECT_GLOBALS
 
     def resolve(self, module: str, name: str):
-        return super().resolve(module, name) if (module, name) in _BUILT else _Opaque
+        return super().resolve(module, name) if (module, name) in _BUILT else Inert
 
     def persistent_load(self, pid):
-        return _Opaque()  # a tensor's storage: its bytes are not needed
+        return Inert()  # a tensor's storage: its bytes are not needed
 
 
 def read_common_state(ckpt: str | Path) -> dict:

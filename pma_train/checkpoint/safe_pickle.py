@@ -145,8 +145,8 @@ def load_metadata(path: str | os.PathLike) -> "torch.distributed.checkpoint.meta
     return metadata
 
 
-class _Inert:
-    """Stands for every allowed global while checking: building, filling or calling it runs nothing."""
+class Inert:
+    """Stands for an allowed global whose value is not needed (every one, while checking): building, filling or calling it runs nothing."""
 
     def __new__(cls, *args, **kwargs):
         return object.__new__(cls)
@@ -173,7 +173,7 @@ class _Checker(RestrictedUnpickler):
         self.allowed = allowed
 
     def resolve(self, module, name):
-        return _Inert
+        return Inert
 
     def persistent_load(self, pid):
         return pid  # a torch.save storage reference: the bytes are not needed to check the pickle
