@@ -48,6 +48,14 @@ class Outcome:
     data_lost: int = 0  # an output published before the kill that is gone or changed afterwards
     failures: list[str] = field(default_factory=list)
 
+    def record(self, kill: int, problems: list[str], failure: str | None) -> None:
+        """What the kill left (problems) and what its rerun found (failure): a survival, or a failure line."""
+        if problems or failure:
+            self.failures.append(f"kill {kill}: {'; '.join(problems + ([failure] if failure else []))}")
+            self.data_lost += bool(failure and failure.startswith("lost"))
+        else:
+            self.survived += 1
+
 
 def _env() -> dict:
     env = dict(os.environ)
@@ -193,11 +201,7 @@ def kill_training(work: Path, rng: random.Random, kills: int, reference: dict) -
         for iteration in layout.list_iterations(ckpts):
             before[iteration] = tensors_of(ckpts / layout.iter_dir_name(iteration), work)
         failure = _rerun_and_compare_training(run_dir, reference, before, work)
-        if problems or failure:
-            outcome.failures.append(f"kill {k}: {'; '.join(problems + [failure or ''])}")
-            outcome.data_lost += bool(failure and failure.startswith("lost"))
-        else:
-            outcome.survived += 1
+        outcome.record(k, problems, failure)
     return outcome
 
 
@@ -241,10 +245,7 @@ def kill_merging(work: Path, rng: random.Random, kills: int, inputs_root: Path, 
             failure = diff or (f"temporaries left after the rerun: {leftovers}" if leftovers else None)
         except RuntimeError as err:
             failure = f"rerun failed: {str(err)[-300:]}"
-        if problems or failure:
-            outcome.failures.append(f"kill {k}: {'; '.join(problems + [failure or ''])}")
-        else:
-            outcome.survived += 1
+        outcome.record(k, problems, failure)
     return outcome
 
 
@@ -269,10 +270,7 @@ def kill_data(work: Path, rng: random.Random, kills: int, corpus: Path, referenc
             failure = None if _same_files(prefix, reference["data_prefix"]) else "rerun output differs"
         except RuntimeError as err:
             failure = f"rerun failed: {str(err)[-300:]}"
-        if half or failure:
-            outcome.failures.append(f"kill {k}: {'half-published ' if half else ''}{failure or ''}")
-        else:
-            outcome.survived += 1
+        outcome.record(k, ["half-published"] if half else [], failure)
     return outcome
 
 
@@ -296,10 +294,7 @@ def kill_export(work: Path, rng: random.Random, kills: int, ckpt: Path, referenc
             failure = None if _export_files(out) == reference["export_files"] else "rerun output differs"
         except RuntimeError as err:
             failure = f"rerun failed: {str(err)[-300:]}"
-        if half or failure:
-            outcome.failures.append(f"kill {k}: {'half-published ' if half else ''}{failure or ''}")
-        else:
-            outcome.survived += 1
+        outcome.record(k, ["half-published"] if half else [], failure)
     return outcome
 
 
