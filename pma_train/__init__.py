@@ -1,0 +1,3 @@
+from pma_train import startup
+
+startup.install()
