@@ -343,7 +343,7 @@ class Trainer:
             return None, None
         from pma_train.merge.track import MergeTracker
 
-        tracker, spacing = MergeTracker(self.model, tr.n, tr.method, tr.alpha, tr.decay_shape), track_spacing_iters(self.cfg)
+        tracker, spacing = MergeTracker.for_model(self.model, tr), track_spacing_iters(self.cfg)
         # A resumed run rebuilds its window from the grid checkpoints it already wrote.
         grid = [i for i in layout.list_iterations(self.ckpt_root) if i % spacing == 0 and i <= self.state.iteration]
         for iteration in grid[-tr.n:]:
