@@ -46,7 +46,8 @@ def test_tracked_merge_equals_offline_merge(tmp_path):
 
 def test_sharded_tracker_on_two_ranks():
     """tests/track_checks.py: the tracker sharded across DP=2 merges exactly, restores the live weights
-    bit for bit, keeps 1/DP of the snapshot bytes per rank, and bf16 snapshots merge within bf16 rounding."""
+    bit for bit (after the merged evaluation and after reading a window back), keeps 1/DP of the snapshot
+    bytes per rank; bf16 snapshots merge within bf16 rounding, snapshots in the parameters' dtype exactly."""
     proc = run_module(["tests.track_checks"], nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "track_checks ok" in proc.stdout

@@ -5,7 +5,9 @@ Two replica sets (fp32 and bf16 parameters, both replicated on every rank, as me
 them); five grid points of random weights, a window of three. Checks, on every rank: the merge
 swapped into the model equals an fp64 weighted sum of the full snapshots and, bit for bit, the
 unsharded fp32 sum the tracker formed before sharding; the live weights are restored exactly; each
-rank's snapshots take 1/DP of the unsharded bytes; bf16 snapshots merge within bf16 rounding.
+rank's snapshots take 1/DP of the unsharded bytes; bf16 snapshots merge within bf16 rounding, and
+snapshots in the parameters' own dtype merge to the same bits; a window read back from checkpoints
+(`holding`) merges the same and leaves the live weights as they were.
 """
 
 from __future__ import annotations
@@ -85,6 +87,26 @@ def main() -> None:
         bound = sum(w * point[0][i].double().abs() for w, point in zip(weights, window))
         assert torch.all((merged16[0][i].double() - merged[0][i].double()).abs() <= 2 ** -8 * bound + 1e-7), i
     assert tracker16.snapshot_bytes() * 2 == tracker.snapshot_bytes()
+
+    # snapshots in the parameters' own dtype: the bf16 set takes half, the merge is the same bits
+    own = MergeTracker([(params, group) for params in sets], N, METHOD, 0.2, dtype="param", gather_bytes=GATHER_BYTES)
+    run_grid(own, sets)
+    with own.swapped_in():
+        assert all(torch.equal(a, b) for x, y in zip(merged_now(sets), merged) for a, b in zip(x, y))
+    assert own.snapshot_bytes() == N * share * (4 + 2), own.snapshot_bytes()
+
+    # a resumed run's window, read back from its checkpoints (here: weights put in by a loader)
+    resumed = MergeTracker([(params, group) for params in sets], N, METHOD, 0.2, gather_bytes=GATHER_BYTES)
+    for point in range(2, POINTS):
+        def load(point=point):
+            for s, params in enumerate(sets):
+                for p, value in zip(params, history[point][s]):
+                    p.copy_(value)
+        with resumed.holding(load):
+            resumed.add(10 * point)
+        assert all(torch.equal(p.detach(), v) for x, y in zip(sets, live) for p, v in zip(x, y)), "live not restored"
+    with resumed.swapped_in():
+        assert all(torch.equal(a, b) for x, y in zip(merged_now(sets), merged) for a, b in zip(x, y))
 
     # the unsharded path (no group: one rank's view) merges to the same bits
     single = MergeTracker([(params, None) for params in sets], N, METHOD, 0.2)

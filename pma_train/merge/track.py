@@ -4,8 +4,8 @@ A rank's parameters are identical on every rank of its data-parallel replica gro
 all-reduces dense gradients over data x context parallel, expert gradients over expert data
 parallel). The tracker sees each group's parameters as one flat vector split evenly across the
 group: a rank keeps CPU copies of its share only, at the last n grid points, so its snapshots take
-n x (model-parallel shard / DP) x (4 bytes, or 2 with track.dtype=bf16), with no gather and no
-disk reads while training.
+n x (model-parallel shard / DP) x (4 bytes, or 2 with track.dtype=bf16, or the parameters' own size
+with track.dtype=param), with no gather and no disk reads while training.
 
 Evaluating the merge forms it share by share and all-gathers it into the model in chunks of at
 most GATHER_BYTES; the live weights come back the same way, from each rank's copy of its own share
@@ -27,7 +27,8 @@ import torch.distributed as dist
 from pma_train.merge.weights import merge_weights
 
 GATHER_BYTES = 64 << 20  # one all-gather's output: the transient buffer, whatever the model size
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Snapshot precision; "param": the parameters' own (lossless: bf16 parameters of mixed precision stay bf16).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "param": None}
 
 
 class FlatShare:
@@ -115,7 +116,7 @@ class MergeTracker:
         if len(self.snapshots) == self.n:  # reuse the oldest's buffers: never n + 1 of them at once
             buffers = self.snapshots.popleft()[1]
         else:
-            buffers = [torch.zeros(share.share, dtype=self.dtype) for share in self.shares]
+            buffers = [torch.zeros(share.share, dtype=self.dtype or share.param_dtype) for share in self.shares]
         for share, buffer in zip(self.shares, buffers):
             share.read(share.start, share.start + share.share, buffer)
         self.snapshots.append((iteration, buffers))
@@ -167,10 +168,14 @@ class MergeTracker:
 
     @contextmanager
     @torch.no_grad()
+    def holding(self, load: Callable[[], None]):
+        """The model holds what load() puts into it inside the block, its live weights after."""
+        with self._live_kept():
+            load()
+            yield
+
     def loaded(self, model_chunks, ckpt_dir):
         """The model holds a checkpoint's weights inside the block (each rank reads its shards)."""
         from pma_train.checkpoint.state import load_checkpoint
 
-        with self._live_kept():
-            load_checkpoint(ckpt_dir, model_chunks)
-            yield
+        return self.holding(partial(load_checkpoint, ckpt_dir, model_chunks))
