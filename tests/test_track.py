@@ -64,3 +64,6 @@ def test_tracked_merge_at_dp2_equals_fp64_sum_of_grid_checkpoints(tmp_path):
     assert run.records("val")[-1]["merged_iterations"] == [2, 4]
     root = tmp_path / "run" / "checkpoints"
     assert_merged(tmp_path / "run" / "merged", [root / layout.iter_dir_name(i) for i in (2, 4)], wma(2), tmp_path)
+    # rank 0 held half of the two fp32 snapshots (up to the padding of the last share)
+    numel = sum(t.numel() for t in full_tensors(root / layout.iter_dir_name(4), tmp_path).values() if t.is_floating_point())
+    assert 0 <= run.records("track")[-1]["track_snapshot_bytes"] - 2 * 4 * numel / 2 <= 2 * 4

@@ -243,7 +243,8 @@ class Trainer:
         if self.tracker is not None:
             self.log.log(self.state.iteration, {"train_step_seconds": self.train_seconds,
                                                 "track_snapshot_seconds": self.track_seconds,
-                                                "track_overhead": self.track_seconds / max(self.train_seconds, 1e-9)},
+                                                "track_overhead": self.track_seconds / max(self.train_seconds, 1e-9),
+                                                "track_snapshot_bytes": self.tracker.snapshot_bytes()},
                          kind="track")
         self.log.print(f"done: {summary['iterations']} iterations in {elapsed:.1f} s, "
                        f"val loss {last_eval if last_eval is None else round(last_eval, 4)}, run dir {self.run_dir}")
