@@ -48,6 +48,7 @@ def job(**sections) -> JobConfig:
     ({"train__clip_grad": float("nan")}, 1, "train.clip_grad"),
     ({"train__seq_length": 8192}, 1, "train.seq_length"),         # RoPE, max_position_embeddings=4096
     ({"track__enabled": True, "train__eval_iters": 0}, 1, "track.enabled"),
+    ({"track__enabled": True, "track__dtype": "fp16"}, 1, "track.dtype"),
     ({"checkpoint__load": ".", "checkpoint__init_from": "."}, 1, "checkpoint.init_from"),
 ])
 def test_validate_names_the_field(overrides, world, field):

@@ -8,8 +8,9 @@ import json
 import torch
 
 from pma_train.checkpoint import layout
-from tests.launch import train
-from tests.test_merge import full_tensors, merge_cli
+from pma_train.merge import wma
+from tests.launch import run_module, train
+from tests.test_merge import assert_merged, full_tensors, merge_cli
 
 RUN = ["train.iters=120", "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_length=64",
        "train.lr=3e-3", "schedule.warmup_iters=20", "checkpoint.interval=10", "train.eval_interval=40",
@@ -41,3 +42,28 @@ def test_tracked_merge_equals_offline_merge(tmp_path):
     assert sorted(tracked) == sorted(merged)
     for key in merged:
         assert torch.allclose(tracked[key], merged[key], rtol=0, atol=1e-6), key
+
+
+def test_sharded_tracker_on_two_ranks():
+    """tests/track_checks.py: the tracker sharded across DP=2 merges exactly, restores the live weights
+    bit for bit (after the merged evaluation and after reading a window back), keeps 1/DP of the snapshot
+    bytes per rank; bf16 snapshots merge within bf16 rounding, snapshots in the parameters' dtype exactly."""
+    proc = run_module(["tests.track_checks"], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "track_checks ok" in proc.stdout
+
+
+def test_tracked_merge_at_dp2_equals_fp64_sum_of_grid_checkpoints(tmp_path):
+    """The trainer's tracker over megatron's DDP at DP=2 (distributed optimizer): the saved merge is the
+    weighted sum of the grid checkpoints."""
+    run = train(tmp_path / "run", ["train.iters=4", "train.global_batch_size=8", "train.micro_batch_size=2",
+                                   "train.seq_length=64", "train.lr=1e-2", "schedule.warmup_iters=1",
+                                   "checkpoint.interval=2", "train.eval_interval=4", "train.eval_iters=1",
+                                   "train.log_interval=100", "track.enabled=true", "track.n=2", "track.method=wma",
+                                   "track.save=true", "seed=3"], nproc=2)
+    assert run.records("val")[-1]["merged_iterations"] == [2, 4]
+    root = tmp_path / "run" / "checkpoints"
+    assert_merged(tmp_path / "run" / "merged", [root / layout.iter_dir_name(i) for i in (2, 4)], wma(2), tmp_path)
+    # rank 0 held half of the two fp32 snapshots (up to the padding of the last share)
+    numel = sum(t.numel() for t in full_tensors(root / layout.iter_dir_name(4), tmp_path).values() if t.is_floating_point())
+    assert 0 <= run.records("track")[-1]["track_snapshot_bytes"] - 2 * 4 * numel / 2 <= 2 * 4

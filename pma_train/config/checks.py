@@ -175,6 +175,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         if tr.n < 1:
             _fail("track.n", f"must be >= 1, got {tr.n}")
         _check_method("track.", tr)
+        if tr.dtype not in ("fp32", "bf16", "param"):
+            _fail("track.dtype", f"'{tr.dtype}' is not one of fp32, bf16, param")
         if tr.save_keep_last is not None and tr.save_keep_last < 1:
             _fail("track.save_keep_last", f"must be >= 1 (or null: keep all), got {tr.save_keep_last}")
         spacing = track_spacing_iters(cfg)

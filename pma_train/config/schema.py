@@ -219,6 +219,10 @@ class TrackConfig(MergeWeighting):
     # checkpoint.interval, since snapshots are taken when checkpoints are.
     v_iterations: Optional[int] = None
     v_tokens: Optional[int] = None
+    # Snapshot precision: fp32 | bf16 (half the host memory, merge within bf16 rounding) | param (the
+    # parameters' own dtype: as exact as fp32, and half of it for bf16 mixed-precision training).
+    # Per rank: n x model-parallel shard / data-parallel size x bytes per element.
+    dtype: str = "fp32"
     # Also save the merged weights (model only) under <run.dir>/merged at every eval, keeping the
     # newest `save_keep_last` of them (null: all).
     save: bool = False

@@ -1,31 +1,125 @@
 """The merge tracked during training: PMA of the last n grid checkpoints, sharded like the model.
 
-Each rank keeps CPU copies of its own parameter shards at the last n grid points (no gather, no
-disk reads) and forms their weighted average when asked. Evaluating the merge swaps it into the
-model and back, so the live run is untouched.
+A rank's parameters are identical on every rank of its data-parallel replica group (megatron's DDP
+all-reduces dense gradients over data x context parallel, expert gradients over expert data
+parallel). The tracker sees each group's parameters as one flat vector split evenly across the
+group: a rank keeps CPU copies of its share only, at the last n grid points, so its snapshots take
+n x (model-parallel shard / DP) x (4 bytes, or 2 with track.dtype=bf16, or the parameters' own size
+with track.dtype=param), with no gather and no disk reads while training.
+
+Evaluating the merge forms it share by share and all-gathers it into the model in chunks of at
+most GATHER_BYTES; the live weights come back the same way, from each rank's copy of its own share
+(1/DP of the model, not a full clone). The live run is untouched.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from contextlib import contextmanager
+from functools import partial
+from itertools import accumulate
+from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from pma_train.merge.weights import merge_weights
 
+GATHER_BYTES = 64 << 20  # one all-gather's output: the transient buffer, whatever the model size
+# Snapshot precision; "param": the parameters' own (lossless: bf16 parameters of mixed precision stay bf16).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "param": None}
+
+
+class FlatShare:
+    """One replica group's parameters as a flat vector; this rank owns [start, start + share)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: Optional[dist.ProcessGroup]):
+        self.params, self.group = params, group
+        self.size = 1 if group is None else dist.get_world_size(group)
+        self.offsets = list(accumulate((p.numel() for p in params), initial=0))
+        self.numel = self.offsets[-1]
+        self.share = -(-self.numel // self.size)  # the last rank's share is padded to this length
+        self.start = (0 if group is None else dist.get_rank(group)) * self.share
+        self.device = params[0].device
+        dtypes = {p.dtype for p in params}
+        # Holds any parameter's value exactly (bf16 / fp16 / fp32 all fit in fp32).
+        self.param_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def _segments(self, lo: int, hi: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """(flat view of a parameter's elements, the flat position of its first) covering [lo, hi)."""
+        hi = min(hi, self.numel)
+        index = bisect_right(self.offsets, lo) - 1
+        while lo < hi:
+            begin, end = self.offsets[index], self.offsets[index + 1]
+            stop = min(end, hi)
+            if stop > lo:
+                yield self.params[index].detach().view(-1)[lo - begin:stop - begin], lo
+            lo, index = max(lo, stop), index + 1
+
+    def read(self, lo: int, hi: int, out: torch.Tensor) -> torch.Tensor:
+        """out[i] = flat[lo + i] (elements past the end are left as they are)."""
+        for view, at in self._segments(lo, hi):
+            out[at - lo:at - lo + view.numel()].copy_(view)
+        return out
+
+    def write(self, lo: int, hi: int, values: torch.Tensor) -> None:
+        for view, at in self._segments(lo, hi):
+            view.copy_(values[at - lo:at - lo + view.numel()])
+
+    @torch.no_grad()
+    def gather_into_params(self, local: Callable[[int, int], torch.Tensor], dtype: torch.dtype,
+                           gather_bytes: int = GATHER_BYTES) -> None:
+        """Every rank's local(lo, hi) (its share's elements lo..hi) written into the parameters,
+        one bounded all-gather at a time."""
+        step = max(1, gather_bytes // (self.size * dtype.itemsize))
+        out = torch.empty(self.size * min(step, self.share), dtype=dtype, device=self.device)
+        for lo in range(0, self.share, step):
+            hi = min(lo + step, self.share)
+            piece = local(lo, hi).to(self.device, dtype)
+            gathered = out[:self.size * (hi - lo)]
+            if self.group is None:
+                gathered.copy_(piece)
+            else:
+                dist.all_gather_single(gathered, piece, group=self.group)
+            for rank, part in enumerate(gathered.view(self.size, hi - lo)):
+                self.write(rank * self.share + lo, rank * self.share + hi, part)
+
+
+def replica_sets(model_chunks: list[torch.nn.Module]) -> list[tuple[list[torch.nn.Parameter], Optional[dist.ProcessGroup]]]:
+    """A model's parameters grouped by the ranks that hold identical copies of them (the groups
+    megatron's DDP wrapper reduces their gradients over; none, i.e. unsharded, without DDP)."""
+    dense = [p for chunk in model_chunks for p in chunk.parameters() if getattr(p, "allreduce", True)]
+    expert = [p for chunk in model_chunks for p in chunk.parameters() if not getattr(p, "allreduce", True)]
+    first = model_chunks[0]
+    return [(dense, getattr(first, "dp_cp_group", None)), (expert, getattr(first, "expt_dp_group", None))]
+
 
 class MergeTracker:
-    def __init__(self, model_chunks: list[torch.nn.Module], n: int, method: str, alpha: float,
-                 decay_shape: str = "linear"):
-        self.params = [p for chunk in model_chunks for p in chunk.parameters()]
+    def __init__(self, replicas: list[tuple[list[torch.nn.Parameter], Optional[dist.ProcessGroup]]], n: int,
+                 method: str, alpha: float, decay_shape: str = "linear", dtype: str = "fp32",
+                 gather_bytes: int = GATHER_BYTES):
+        self.shares = [FlatShare(params, group) for params, group in replicas if params]
         self.n, self.method, self.alpha, self.decay_shape = n, method, alpha, decay_shape
+        self.dtype, self.gather_bytes = DTYPES[dtype], gather_bytes
+        # (iteration, this rank's share of each replica set), oldest first
         self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=n)
+
+    @classmethod
+    def for_model(cls, model_chunks: list[torch.nn.Module], track) -> "MergeTracker":
+        """The tracker a run's `track` config asks for, over its (DDP-wrapped) model chunks."""
+        return cls(replica_sets(model_chunks), track.n, track.method, track.alpha, track.decay_shape, track.dtype)
 
     @torch.no_grad()
     def add(self, iteration: int) -> None:
-        """Record this rank's shards at a grid point (called when the grid checkpoint is taken)."""
-        self.snapshots.append((iteration, [p.detach().to("cpu", dtype=torch.float32, copy=True) for p in self.params]))
+        """Record this rank's shares at a grid point (called when the grid checkpoint is taken)."""
+        if len(self.snapshots) == self.n:  # reuse the oldest's buffers: never n + 1 of them at once
+            buffers = self.snapshots.popleft()[1]
+        else:
+            buffers = [torch.zeros(share.share, dtype=self.dtype or share.param_dtype) for share in self.shares]
+        for share, buffer in zip(self.shares, buffers):
+            share.read(share.start, share.start + share.share, buffer)
+        self.snapshots.append((iteration, buffers))
 
     @property
     def ready(self) -> bool:
@@ -38,41 +132,50 @@ class MergeTracker:
     def weights(self) -> list[float]:
         return merge_weights(self.method, len(self.snapshots), self.alpha, decay_shape=self.decay_shape)
 
+    def snapshot_bytes(self) -> int:
+        """Host memory this rank's snapshots take."""
+        return sum(buffer.nbytes for _, buffers in self.snapshots for buffer in buffers)
+
+    def _merged(self, index: int, weights: list[float], lo: int, hi: int) -> torch.Tensor:
+        """Elements lo..hi of this rank's share of replica set `index`, merged in fp32."""
+        acc = torch.zeros(hi - lo, dtype=torch.float32)
+        for weight, (_, buffers) in zip(weights, self.snapshots):
+            acc.add_(buffers[index][lo:hi], alpha=weight)
+        return acc
+
+    @contextmanager
     @torch.no_grad()
-    def merged(self) -> list[torch.Tensor]:
-        weights = self.weights()
-        out = [torch.zeros_like(t) for t in self.snapshots[0][1]]
-        for weight, (_, tensors) in zip(weights, self.snapshots):
-            for acc, tensor in zip(out, tensors):
-                acc.add_(tensor, alpha=weight)
-        return out
+    def _live_kept(self):
+        """The model's weights inside the block are the block's business; after it, they are the
+        live ones again (each rank keeps its own share and the group re-gathers them)."""
+        own = [share.read(share.start, share.start + share.share, torch.zeros(share.share, dtype=share.param_dtype))
+               for share in self.shares]
+        try:
+            yield
+        finally:
+            for share, live in zip(self.shares, own):
+                share.gather_into_params(lambda lo, hi, live=live: live[lo:hi], live.dtype, self.gather_bytes)
 
     @contextmanager
     @torch.no_grad()
     def swapped_in(self):
         """The model holds the merged weights inside the block, its live weights after."""
-        live = [p.detach().clone() for p in self.params]
-        for param, value in zip(self.params, self.merged()):
-            param.copy_(value.to(param.device, param.dtype))
-        try:
+        weights = self.weights()
+        with self._live_kept():
+            for index, share in enumerate(self.shares):
+                share.gather_into_params(partial(self._merged, index, weights), torch.float32, self.gather_bytes)
             yield
-        finally:
-            for param, value in zip(self.params, live):
-                param.copy_(value)
 
     @contextmanager
     @torch.no_grad()
+    def holding(self, load: Callable[[], None]):
+        """The model holds what load() puts into it inside the block, its live weights after."""
+        with self._live_kept():
+            load()
+            yield
+
     def loaded(self, model_chunks, ckpt_dir):
         """The model holds a checkpoint's weights inside the block (each rank reads its shards)."""
         from pma_train.checkpoint.state import load_checkpoint
 
-        live = [p.detach().clone() for p in self.params]
-        load_checkpoint(ckpt_dir, model_chunks)
-        try:
-            yield
-        finally:
-            for param, value in zip(self.params, live):
-                param.copy_(value)
-
-    def state_dict(self) -> dict:
-        return {"iterations": self.iterations}
+        return self.holding(partial(load_checkpoint, ckpt_dir, model_chunks))

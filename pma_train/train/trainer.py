@@ -243,7 +243,8 @@ class Trainer:
         if self.tracker is not None:
             self.log.log(self.state.iteration, {"train_step_seconds": self.train_seconds,
                                                 "track_snapshot_seconds": self.track_seconds,
-                                                "track_overhead": self.track_seconds / max(self.train_seconds, 1e-9)},
+                                                "track_overhead": self.track_seconds / max(self.train_seconds, 1e-9),
+                                                "track_snapshot_bytes": self.tracker.snapshot_bytes()},
                          kind="track")
         self.log.print(f"done: {summary['iterations']} iterations in {elapsed:.1f} s, "
                        f"val loss {last_eval if last_eval is None else round(last_eval, 4)}, run dir {self.run_dir}")
@@ -343,7 +344,7 @@ class Trainer:
             return None, None
         from pma_train.merge.track import MergeTracker
 
-        tracker, spacing = MergeTracker(self.model, tr.n, tr.method, tr.alpha, tr.decay_shape), track_spacing_iters(self.cfg)
+        tracker, spacing = MergeTracker.for_model(self.model, tr), track_spacing_iters(self.cfg)
         # A resumed run rebuilds its window from the grid checkpoints it already wrote.
         grid = [i for i in layout.list_iterations(self.ckpt_root) if i % spacing == 0 and i <= self.state.iteration]
         for iteration in grid[-tr.n:]:
