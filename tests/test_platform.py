@@ -39,15 +39,17 @@ def test_pma_train_refuses_before_starting_anything(tmp_path):
 
 def test_transformer_engine_is_judged_by_megatron_core_and_the_final_norm_needs_none():
     code = ("from megatron.core.extensions.transformer_engine import HAVE_TE\n"
-            "from pma_train.model.spec import have_transformer_engine, use_local_final_norm\n"
+            "from pma_train.model.spec import have_transformer_engine, local_final_norm\n"
             "assert have_transformer_engine() is bool(HAVE_TE)\n"
             "from megatron.core.models.hybrid import hybrid_block\n"
             "from megatron.core.transformer import TransformerConfig\n"
-            "use_local_final_norm()\n"  # no CPU layer installed: what a GPU host without TE does
+            "te_norm = hybrid_block.TENorm\n"
             "cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization='RMSNorm',"
             " use_cpu_initialization=True)\n"
-            "norm = hybrid_block.TENorm(config=cfg, hidden_size=8, eps=1e-5)\n"
-            "import torch; print(hybrid_block.TENorm.__name__, type(norm).__name__, tuple(norm(torch.ones(2, 8)).shape))\n")
+            "with local_final_norm():\n"  # no CPU layer installed: what a GPU host without TE does
+            "    name, norm = hybrid_block.TENorm.__name__, hybrid_block.TENorm(config=cfg, hidden_size=8, eps=1e-5)\n"
+            "assert hybrid_block.TENorm is te_norm\n"  # swapped while models are built only
+            "import torch; print(name, type(norm).__name__, tuple(norm(torch.ones(2, 8)).shape))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=test_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
