@@ -3,12 +3,15 @@ Engine is judged by megatron-core's own flag; HybridModel builds its final norm 
 
 from __future__ import annotations
 
+import ast
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from pma_train.platform import PlatformError, check_devices
+from pma_train.platform import Platform, PlatformError, check_devices
 from tests.launch import REPO, test_env
 
 
@@ -55,3 +58,54 @@ def test_transformer_engine_is_judged_by_megatron_core_and_the_final_norm_needs_
     assert proc.returncode == 0, proc.stderr[-3000:]
     # LocalNorm builds megatron-core's torch norm (RMSNorm here), never TE's
     assert proc.stdout.split()[-4:] == ["LocalNorm", "RMSNorm", "(2,", "8)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer refuses CUDA hosts")
+def test_cpu_layer_undoes_every_change_and_detection_changes_nothing(monkeypatch):
+    import logging
+
+    from megatron.core.tensor_parallel import random as mc_random
+    from torch import _dynamo
+
+    from pma_train import cpu_compat
+    from pma_train.platform import detect
+
+    owners = [torch, torch.Tensor, torch.nn.Module, torch.cuda, torch.cuda.random, torch._C, torch.distributed,
+              mc_random]
+    before = [dict(vars(owner)) for owner in owners]
+    settings = (_dynamo.config.disable, logging.getLogger(mc_random.__name__).level)
+    environ = dict(os.environ)
+    monkeypatch.setenv("SLURM_PROCID", "0")  # a Slurm task without torchrun: detect reads, never sets
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    assert detect() == Platform(torch.device("cpu"), "gloo")
+    assert not cpu_compat.is_installed() and "RANK" not in os.environ
+    monkeypatch.undo()
+    assert dict(os.environ) == environ
+
+    with cpu_compat.installed():
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        assert torch.cuda.current_device() == 0 and torch.cuda.Event().query()
+        with cpu_compat.installed():  # nested: the outer owner uninstalls
+            pass
+        assert cpu_compat.is_installed() and _dynamo.config.disable
+    assert not cpu_compat.is_installed()
+    for owner, attrs in zip(owners, before):
+        now = vars(owner)
+        assert now.keys() == attrs.keys(), owner
+        assert [k for k in attrs if now[k] is not attrs[k]] == [], owner
+    assert (_dynamo.config.disable, logging.getLogger(mc_random.__name__).level) == settings
+    with pytest.raises(RuntimeError, match="Expected one of cpu, cuda"):
+        torch.zeros(2, device="cudax")  # the real factory again
+
+
+def test_platform_layer_imports_nothing_above_it():
+    """platform (detection), cpu_compat and parallel (process groups) sit below everything else:
+    model/ may import them, never the reverse (no model <-> platform cycle)."""
+    allowed = {"pma_train.config", "pma_train.platform", "pma_train.cpu_compat", "pma_train.slurm_env",
+               "pma_train.parallel", "pma_train"}
+    for name in ("platform", "cpu_compat", "parallel", "slurm_env"):
+        tree = ast.parse((REPO / "pma_train" / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        ours = {m for m in imported if m and m.startswith("pma_train")}
+        assert ours <= allowed, f"{name}.py imports {sorted(ours - allowed)}"
