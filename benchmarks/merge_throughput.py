@@ -183,7 +183,7 @@ def worker_engine(argv: list[str]) -> None:
 
     from pma_train.merge import select_spaced, sma
     from pma_train.merge.engine import MergeRequest, run_merge
-    from pma_train.platform import init_process_group
+    from pma_train.parallel import init_process_group
 
     init_process_group("gloo")
     rank = dist.get_rank()
@@ -315,7 +315,7 @@ def worker_profile(argv: list[str]) -> None:
 
     from pma_train.merge import dcp_io, engine, select_spaced, sma
     from pma_train.merge.engine import MergeRequest, run_merge
-    from pma_train.platform import init_process_group
+    from pma_train.parallel import init_process_group
 
     init_process_group("gloo")
     inputs = select_spaced(a.root, a.count, v_tokens=V_TOKENS)
@@ -450,7 +450,7 @@ def worker_noop(argv: list[str]) -> None:
     import torch.distributed as dist
 
     import pma_train.merge.engine  # noqa: F401
-    from pma_train.platform import init_process_group
+    from pma_train.parallel import init_process_group
 
     init_process_group("gloo")
     dist.barrier()

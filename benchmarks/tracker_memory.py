@@ -10,7 +10,7 @@ group is the world). One torchrun job per setting; each rank reports:
 full clone plus the full merge while it evaluates. The new one is run at DP=1 and DP=2, fp32 and bf16,
 against the formula n x model / DP x bytes.
 
-    flock /work/heavy.lock python benchmarks/tracker_memory.py [--n 3] [--model dense_411m]
+    python benchmarks/tracker_memory.py [--n 3] [--model dense_411m]
 """
 
 from __future__ import annotations

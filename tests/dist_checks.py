@@ -3,6 +3,10 @@
     torchrun --nproc-per-node N -m tests.dist_checks OUT_DIR tp pp vpp model_name
 Asserts that parameters replicated across tensor-parallel ranks are identical, then writes the
 model's sharded state dict (iteration-0 weights) as a torch_dist checkpoint to OUT_DIR.
+
+    python -m tests.dist_checks previous_build
+One process: build_model equals the build before its init was made scalable (megatron-core's CPU
+initialisation, then tests.test_init's row-by-row reference of our init), tensor for tensor.
 """
 
 from __future__ import annotations
@@ -93,5 +97,43 @@ def live_merge_main() -> None:
     dist.destroy_process_group()
 
 
+def previous_build_main() -> None:
+    from pma_train.cli.common import model_configs_dir
+    from pma_train.config import JobConfig, ModelConfig
+    from pma_train.model import build_model
+    from pma_train.model.build import build_chunks, transformer_config
+    from pma_train.model.init import _SCALED_SUFFIXES, _sharded_tensors
+    from pma_train.parallel import init_distributed
+    from pma_train.platform import detect
+    from tests.test_init import reference_fill
+
+    platform = detect()
+    variants = [("tiny", {"add_bias_linear": True, "position_embedding_type": "learned_absolute"}, "fp32"),
+                ("tiny_moe", {}, "bf16")]
+    for i, (name, overrides, precision) in enumerate(variants):
+        cfg = JobConfig()
+        cfg.model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
+                                                        OmegaConf.load(model_configs_dir() / f"{name}.yaml"), overrides))
+        cfg.train.precision = precision
+        if i == 0:
+            init_distributed(cfg.parallel, platform, cfg.seed)
+        new = build_model(cfg, platform, vocab_size=257)[0].state_dict()
+        config = transformer_config(cfg, platform)  # megatron-core's own CPU initialisation, as before
+        chunk = build_chunks(cfg, config, platform, vocab_size=257)[0]
+        scaled_std = config.init_method_std / config.num_layers ** 0.5
+        for sh in _sharded_tensors(chunk.sharded_state_dict()):
+            if sh.data.dim() >= 2 and sh.data.is_floating_point():
+                reference_fill(sh, cfg.seed, scaled_std if sh.key.endswith(_SCALED_SUFFIXES) else config.init_method_std)
+        old = {k: v for k, v in chunk.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert sorted(k for k, v in new.items() if isinstance(v, torch.Tensor)) == sorted(old), name
+        for key, tensor in old.items():
+            assert new[key].dtype == tensor.dtype and torch.equal(new[key], tensor), f"{name}: {key} differs"
+        biases = [k for k in old if k.endswith(".bias")]
+        assert biases or not cfg.model.add_bias_linear, "the bias variant built no bias"
+        print(f"{name}: {len(old)} tensors equal ({len(biases)} biases)")
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    live_merge_main() if sys.argv[1] == "live" else main()
+    mode = sys.argv[1]
+    live_merge_main() if mode == "live" else previous_build_main() if mode == "previous_build" else main()

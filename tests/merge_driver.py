@@ -13,7 +13,7 @@ def main() -> None:
 
     from pma_train.merge import merge_weights, select_spaced
     from pma_train.merge.engine import MergeRequest, run_merge
-    from pma_train.platform import init_process_group
+    from pma_train.parallel import init_process_group
 
     root, prefix, methods = sys.argv[1], sys.argv[2], sys.argv[3:]
     init_process_group("gloo")

@@ -53,7 +53,7 @@ def _run(node: DictConfig) -> None:
         return
     distributed = world > 1
     if distributed:
-        from pma_train.platform import init_process_group
+        from pma_train.parallel import init_process_group
 
         init_process_group("gloo")
     if "OMP_NUM_THREADS" not in os.environ:

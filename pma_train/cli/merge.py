@@ -81,7 +81,7 @@ def _run(node: DictConfig) -> None:
 
     from pma_train.checkpoint.lock import LockError
     from pma_train.merge.engine import MergeError, MergeRequest, run_merge
-    from pma_train.platform import init_process_group
+    from pma_train.parallel import init_process_group
 
     init_process_group("gloo")
     if "OMP_NUM_THREADS" not in os.environ:

@@ -10,7 +10,7 @@ from megatron.core.transformer import TransformerConfig
 
 from pma_train.config import JobConfig, ModelConfig
 from pma_train.model.init import initialise_layout_invariant
-from pma_train.model.spec import have_transformer_engine, local_stack_spec, te_stack_spec, use_local_final_norm
+from pma_train.model.spec import have_transformer_engine, local_final_norm, local_stack_spec, te_stack_spec
 from pma_train.platform import Platform
 
 
@@ -104,6 +104,47 @@ def _mark_experts(chunk: torch.nn.Module) -> None:
             param.allreduce = False
 
 
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    """megatron-core's init_method when ours redraws the tensor anyway."""
+    return tensor
+
+
+def _leave_matrices_to_us(config: TransformerConfig) -> None:
+    """megatron-core allocates and zeroes as usual, but draws no matrix: our init redraws each one.
+
+    Its CPU initialisation would first draw every matrix full-size, in fp32, on every rank (then keep
+    this rank's slice); without it, each rank allocates only its shard, on its own device.
+    """
+    config.use_cpu_initialization = False
+    config.init_method = config.output_layer_init_method = config.embedding_init_method = _keep
+
+
+def build_chunks(cfg: JobConfig, config: TransformerConfig, platform: Platform, vocab_size: int) -> list[HybridModel]:
+    """This rank's HybridModel chunks (one, or one per virtual stage), initialised as `config` says."""
+    use_te = platform.is_cuda and have_transformer_engine()
+    spec = te_stack_spec() if use_te else local_stack_spec(cfg.model.num_experts, config.moe_grouped_gemm)
+    vpp = cfg.parallel.vpp
+    pattern = staged_pattern(cfg.model, cfg.parallel.pp * (vpp or 1))
+    chunks = []
+    with local_final_norm(not have_transformer_engine()):
+        for vp_stage in range(vpp or 1):
+            stage = vp_stage if vpp else None
+            chunks.append(HybridModel(
+                config=config,
+                hybrid_stack_spec=spec,
+                vocab_size=padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
+                max_sequence_length=cfg.train.seq_length,
+                hybrid_layer_pattern=pattern,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+                position_embedding_type=cfg.model.position_embedding_type,
+                rotary_base=cfg.model.rotary_base,
+                vp_stage=stage,
+            ))
+    return chunks
+
+
 def build_model(cfg: JobConfig, platform: Platform, vocab_size: int, *, initialise: bool = True) -> list[HybridModel]:
     """Model chunks of this rank (one, or one per virtual stage), initialised layout-invariantly.
 
@@ -111,33 +152,14 @@ def build_model(cfg: JobConfig, platform: Platform, vocab_size: int, *, initiali
     builds under `torch.device("meta")`, e.g. by pma-plan.
     """
     config = transformer_config(cfg, platform)
-    if not initialise:
+    if initialise:
+        _leave_matrices_to_us(config)
+    else:
         config.perform_initialization = False
-    use_te = platform.is_cuda and have_transformer_engine()
-    if not have_transformer_engine():
-        use_local_final_norm()
-    spec = te_stack_spec() if use_te else local_stack_spec(cfg.model.num_experts, config.moe_grouped_gemm)
-    vpp = cfg.parallel.vpp
-    pattern = staged_pattern(cfg.model, cfg.parallel.pp * (vpp or 1))
-    chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
-        chunk = HybridModel(
-            config=config,
-            hybrid_stack_spec=spec,
-            vocab_size=padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by),
-            max_sequence_length=cfg.train.seq_length,
-            hybrid_layer_pattern=pattern,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
-            position_embedding_type=cfg.model.position_embedding_type,
-            rotary_base=cfg.model.rotary_base,
-            vp_stage=stage,
-        )
+    chunks = build_chunks(cfg, config, platform, vocab_size)
+    for chunk in chunks:
         if initialise:
             chunk.to(platform.device)
             initialise_layout_invariant(chunk, cfg.seed, config)
         _mark_experts(chunk)
-        chunks.append(chunk)
     return chunks

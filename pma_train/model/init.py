@@ -4,13 +4,21 @@ megatron-core draws initial weights from a generator whose sequence depends on w
 rank builds, so PP=2 and PP=1 start from different weights. We redraw every matrix from its
 checkpoint key and global row index instead: any TP / PP / EP layout (and any resumed or merged
 checkpoint) then holds the same global model for one seed, and layouts can be compared exactly.
+
+Each global row is one `torch.randn(row_len)` from a CPU generator seeded by (seed, key, row), so a
+rank that holds part of a row still draws all of it (torch's CPU normal sampler makes every value
+depend on the row's length). Rows are drawn into a bounded host block and copied to the parameter's
+device one block at a time: host memory stays O(block) whatever the model size.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -18,6 +26,8 @@ from megatron.core.transformer import TransformerConfig
 
 # Output projections of residual branches get megatron's depth-scaled init.
 _SCALED_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
+# Host buffer for drawn rows (fp32); a row longer than this still gets a block of one row.
+BLOCK_BYTES = 64 * 2**20
 
 
 def _sharded_tensors(node) -> Iterator[ShardedTensor]:
@@ -34,40 +44,73 @@ def _sharded_tensors(node) -> Iterator[ShardedTensor]:
         yield node
 
 
-def _row_generator(seed: int, key: str, row: int) -> torch.Generator:
-    mixed = (seed * 1_000_003 + zlib.crc32(key.encode()) * 65_537 + row) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
+def row_seed(seed: int, key: str, row: int) -> int:
+    """The generator seed of one global row of tensor `key` (row-major over all axes but the last)."""
+    return (seed * 1_000_003 + zlib.crc32(key.encode()) * 65_537 + row) % (2**63 - 1)
+
+
+def global_rows(global_shape: Sequence[int], offsets: Sequence[int], local_shape: Sequence[int]) -> Iterator[int]:
+    """Global row-major row numbers of a shard's local rows, in local row-major order.
+
+    Axes of the global shape beyond the local tensor's (prepended by megatron, e.g. the expert axis)
+    are fixed at their offset for the whole shard.
+    """
+    lead_dims = list(global_shape[:-1])
+    strides = [math.prod(lead_dims[d + 1:]) for d in range(len(lead_dims))]
+    lead = len(global_shape) - len(local_shape)
+    base = sum(offsets[d] * strides[d] for d in range(len(lead_dims)))
+    local_strides = strides[lead:]
+    for index in itertools.product(*(range(n) for n in local_shape[:-1])):
+        yield base + sum(i * s for i, s in zip(index, local_strides))
+
+
+def _draw(block: torch.Tensor, seeds: Sequence[int]) -> None:
+    generator = torch.Generator()
+    for out, row_seed_ in zip(block, seeds):
+        # manual_seed resets the generator completely: one generator serves every row.
+        generator.manual_seed(row_seed_)
+        out.normal_(generator=generator)
 
 
 @torch.no_grad()
-def fill_normal_layout_invariant(sh: ShardedTensor, seed: int, std: float) -> None:
-    """Fill sh.data with N(0, std) draws that depend only on (seed, key, global position)."""
-    global_shape = tuple(sh.global_shape)
-    offsets = tuple(sh.global_offset)
+def fill_normal_layout_invariant(sh: ShardedTensor, seed: int, std: float,
+                                 pool: ThreadPoolExecutor | None = None, threads: int = 1) -> None:
+    """Fill sh.data with N(0, std) draws that depend only on (seed, key, global position); with a
+    pool, `threads` of its workers draw the rows of each block."""
     data = sh.data
-    lead = len(global_shape) - data.dim()  # axes prepended by megatron (e.g. SwiGLU halves)
-    row_len = global_shape[-1]
-    col0 = offsets[-1]
-    local_rows = data.reshape(-1, data.shape[-1])
-    local_lead_shape = data.shape[:-1]
-    for i in range(local_rows.shape[0]):
-        local_index = torch.unravel_index(torch.tensor(i), local_lead_shape) if local_lead_shape else ()
-        global_index = list(offsets[:lead]) + [offsets[lead + d] + int(local_index[d]) for d in range(len(local_lead_shape))]
-        flat = 0
-        for dim, idx in zip(global_shape[:-1], global_index):
-            flat = flat * dim + idx
-        row = torch.randn(row_len, generator=_row_generator(seed, sh.key, flat), dtype=torch.float32)
-        local_rows[i].copy_(row[col0:col0 + data.shape[-1]].mul_(std))
-    if local_rows.data_ptr() != data.data_ptr():
-        raise RuntimeError(f"cannot initialise {sh.key} in place")
+    row_len, col0, cols = sh.global_shape[-1], sh.global_offset[-1], data.shape[-1]
+    try:
+        rows = data.view(-1, cols)
+    except RuntimeError as err:
+        raise RuntimeError(f"cannot initialise {sh.key} in place: {err}") from err
+    seeds = [row_seed(seed, sh.key, r) for r in global_rows(sh.global_shape, sh.global_offset, data.shape)]
+    per_block = max(1, min(len(seeds), BLOCK_BYTES // (4 * row_len)))
+    block = torch.empty(per_block, row_len, dtype=torch.float32)
+    for start in range(0, len(seeds), per_block):
+        chunk, chunk_seeds = block[:min(per_block, len(seeds) - start)], seeds[start:start + per_block]
+        if pool is None or threads == 1 or len(chunk) < 2 * threads:
+            _draw(chunk, chunk_seeds)
+        else:  # rows are independent: threads draw disjoint slices (torch releases the GIL while drawing)
+            step = -(-len(chunk) // threads)
+            list(pool.map(_draw, chunk.split(step), [chunk_seeds[i:i + step] for i in range(0, len(chunk), step)]))
+        chunk.mul_(std)
+        rows[start:start + len(chunk)].copy_(chunk[:, col0:col0 + cols])
+
+
+def init_threads() -> int:
+    """This rank's share of the host's cores (torchrun's OMP_NUM_THREADS=1 says nothing about them)."""
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(16, len(os.sched_getaffinity(0)) // ranks_here))
 
 
 def initialise_layout_invariant(model: torch.nn.Module, seed: int, config: TransformerConfig) -> None:
     multiplier = 1.0 if config.is_hybrid_model else 2.0
     scaled_std = config.init_method_std / math.sqrt(multiplier * config.num_layers)
-    for sh in _sharded_tensors(model.sharded_state_dict()):
-        # Vectors (norm weights, biases, router buffers) start constant: already layout-free.
-        if sh.data.dim() < 2 or not sh.data.is_floating_point():
-            continue
-        std = scaled_std if sh.key.endswith(_SCALED_SUFFIXES) else config.init_method_std
-        fill_normal_layout_invariant(sh, seed, std)
+    threads = init_threads()
+    with ThreadPoolExecutor(threads) as pool:
+        for sh in _sharded_tensors(model.sharded_state_dict()):
+            # Vectors (norm weights, biases, router buffers) start constant: already layout-free.
+            if sh.data.dim() < 2 or not sh.data.is_floating_point():
+                continue
+            std = scaled_std if sh.key.endswith(_SCALED_SUFFIXES) else config.init_method_std
+            fill_normal_layout_invariant(sh, seed, std, pool, threads)

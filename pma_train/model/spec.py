@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
@@ -24,12 +27,22 @@ def have_transformer_engine() -> bool:
     return bool(HAVE_TE)
 
 
-def use_local_final_norm() -> None:
+@contextlib.contextmanager
+def local_final_norm(needed: bool = True) -> Iterator[None]:
     """HybridStack builds its final norm from TE's TENorm whatever the spec says; without a usable
-    TE (a CPU host, or a GPU host without TE) that name must be our local norm instead."""
+    TE (a CPU host, or a GPU host without TE) that name must be our local norm while models are
+    built. Restored afterwards: nothing else in the process sees the swap."""
     from megatron.core.models.hybrid import hybrid_block
 
+    if not needed:
+        yield
+        return
+    te_norm = hybrid_block.TENorm
     hybrid_block.TENorm = LocalNorm
+    try:
+        yield
+    finally:
+        hybrid_block.TENorm = te_norm
 
 
 def te_stack_spec() -> ModuleSpec:

@@ -242,19 +242,15 @@ def _build(cfg: JobConfig, vocab_size: int) -> list:
 
 @contextlib.contextmanager
 def _meta_build_environment():
-    """megatron-core importable and buildable on this host, and `torch.device('meta')` effective."""
-    if not torch.cuda.is_available():
-        from pma_train.platform import install_cpu_compat
+    """megatron-core buildable on this host (on the meta device) for the duration of the block only:
+    pma-plan also runs inside other processes (tests, notebooks) that must not stay patched."""
+    if torch.cuda.is_available():
+        yield
+        return
+    from pma_train import cpu_compat
 
-        install_cpu_compat()
-        # `with torch.device(...)` adds the device to the factories in torch's table of
-        # constructors; the CPU layer replaces torch.empty & co. by wrappers, and when the table was
-        # first filled after that, it holds the wrappers and misses the real functions.
-        from torch.utils import _device
-
-        constructors = _device._device_constructors()
-        constructors.update({fn.__wrapped__ for fn in list(constructors) if hasattr(fn, "__wrapped__")})
-    yield
+    with cpu_compat.installed():
+        yield
 
 
 @contextlib.contextmanager
