@@ -47,7 +47,9 @@ def verify_inputs(inputs) -> None:
     """Every input complete and safe to load, before any process group. Not on a dry run: vetting the
     pickles needs torch (seconds of start-up), and a dry run only shows the selection."""
     for info in inputs:
-        verify_complete(info.path)
+        if info.format == "torch_dist":
+            verify_complete(info.path)
+        # DeepSpeed inputs: scanned when described; their pickles vetted as the merge indexes them
 
 
 def print_selection(inputs, weights, note: str | None = None) -> None:
@@ -81,6 +83,9 @@ def _run(node: DictConfig) -> None:
 
     from pma_train.checkpoint.lock import LockError
     from pma_train.merge.engine import MergeError, MergeRequest, run_merge
+
+    if inputs[0].format == "deepspeed":  # imports deepspeed's classes only now, for a DeepSpeed input
+        from pma_train.merge.ds.engine import run_ds_merge as run_merge
     from pma_train.platform import init_process_group
 
     init_process_group("gloo")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
+from pma_train.merge import ds
 
 SIDE_CAR = layout.TRAIN_STATE_SIDECAR
 
@@ -21,10 +22,14 @@ class CheckpointInfo:
     path: Path
     iteration: int
     consumed_tokens: int | None
+    format: str = "torch_dist"  # or ds.FORMAT: a DeepSpeed tag directory
 
 
 def describe(path: str | Path) -> CheckpointInfo:
-    """A checkpoint's iteration and consumed tokens (from pma-train's side-car, else Megatron-LM args)."""
+    """A checkpoint's iteration and consumed tokens (from pma-train's side-car, else Megatron-LM args);
+    a DeepSpeed tag directory (or root) is recognised by its partition files."""
+    if _is_deepspeed(Path(path)):
+        return _describe_deepspeed(Path(path))
     ckpt = layout.resolve_checkpoint(path)
     sidecar = ckpt / SIDE_CAR
     if sidecar.is_file():
@@ -33,6 +38,30 @@ def describe(path: str | Path) -> CheckpointInfo:
     iteration = layout.iteration_of(ckpt)
     tokens = _megatron_tokens(ckpt)
     return CheckpointInfo(ckpt, iteration if iteration is not None else -1, tokens)
+
+
+def _is_deepspeed(path: Path) -> bool:
+    return ds.is_ds_tag(path) or (not layout.is_checkpoint_dir(path) and not layout.list_iterations(path)
+                                  and ds.is_ds_root(path))
+
+
+def _describe_deepspeed(path: Path) -> CheckpointInfo:
+    """A DeepSpeed tag's step: from its name (DeepSpeed's global_step<N>), else its recorded global_steps.
+    Tokens are not recorded (DeepSpeed counts samples, not their length): v_tokens is refused by name."""
+    try:
+        tag = ds.resolve_tag(path)
+        ds.scan(tag)
+    except ds.DsLayoutError as err:
+        raise CheckpointError(str(err)) from None
+    step = ds.step_of(tag)
+    if step is None:
+        from pma_train.merge.ds.archive import Archive, ArchiveError  # torch: only for tags named otherwise
+
+        try:
+            step = int(Archive(tag / ds.scan(tag).model_file(0)).objects["global_steps"])
+        except (ArchiveError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{tag}: no global_steps in its model states ({err})") from None
+    return CheckpointInfo(tag, step, None, ds.FORMAT)
 
 
 def _megatron_tokens(ckpt: Path) -> int | None:
@@ -56,6 +85,12 @@ def checkpoints_of(root: str | Path) -> list[CheckpointInfo]:
     root = Path(root)
     if not root.is_dir():
         raise SelectionError(f"root: {root} is not a directory")
+    if not layout.list_iterations(root) and ds.is_ds_root(root):
+        try:
+            ds.resolve_tag(root)  # a `latest` naming a missing tag is named, not skipped
+            return [_describe_deepspeed(tag) for tag in ds.list_tags(root)]
+        except (ds.DsLayoutError, CheckpointError) as err:
+            raise SelectionError(f"root: {err}") from None
     return [describe(root / layout.iter_dir_name(i)) for i in layout.list_iterations(root)]
 
 
@@ -106,7 +141,16 @@ def resolve_inputs(paths: list[str]) -> list[CheckpointInfo]:
         except CheckpointError as err:
             raise SelectionError(f"inputs: {err}") from None
     _refuse_duplicates(paths, infos)
+    _refuse_mixed_formats(paths, infos)
     return infos
+
+
+def _refuse_mixed_formats(paths: list[str], infos: list[CheckpointInfo]) -> None:
+    formats = {info.format for info in infos}
+    if len(formats) > 1:
+        listed = "; ".join(f"{given}: {info.format}" for given, info in zip(paths, infos))
+        raise SelectionError(f"inputs: checkpoints of different formats do not merge together ({listed}); "
+                             "merge each format on its own")
 
 
 def _refuse_duplicates(paths: list[str], infos: list[CheckpointInfo]) -> None:
