@@ -185,9 +185,12 @@ def test_pma_merge_cli_merges_a_deepspeed_root_on_one_rank(runs, tmp_path):
     assert str(root / "global_step1") in proc.stdout and not modules & {"torch", "deepspeed"}, modules
     out = tmp_path / "sma"
     proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"root={root}", "n=3", "v_iterations=1",
-                           "method=sma", "accumulate_dtype=fp64", f"output={out}", "progress_bar=false"], cwd=REPO,
+                           "method=sma", "accumulate_dtype=fp64", f"output={out}", "progress_bar=false",
+                           "memory_budget_mb=16"], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_weighted_sum(_fp32(out), _weighted([_fp32(root / tag) for tag in STEP_TAGS], [1 / 3] * 3), exact=True)
+    summary = json.loads((out / "global_step3" / "pma_merge.json").read_text())["summary"]
+    assert summary["ranks"] == 1 and summary["peak_rss_above_start_bytes"] <= 16 * 2**20, summary
     module = load_objects(out / "global_step3" / "mp_rank_00_model_states.pt")["module"]
     assert all(torch.equal(module[k], v.bfloat16()) for k, v in _fp32(out).items())

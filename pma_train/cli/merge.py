@@ -19,7 +19,7 @@ from pma_train.cli.common import CONF_DIR
 from pma_train.checkpoint.layout import CheckpointError, read_tracker, verify_complete
 from pma_train.config import ConfigError, MergeConfig, validate_merge
 from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
-from pma_train.merge.select import sort_oldest_first
+from pma_train.merge.select import sort_oldest_first, verify_deepspeed
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -49,7 +49,8 @@ def verify_inputs(inputs) -> None:
     for info in inputs:
         if info.format == "torch_dist":
             verify_complete(info.path)
-        # DeepSpeed inputs: scanned when described; their pickles vetted as the merge indexes them
+        else:
+            verify_deepspeed(info)
 
 
 def print_selection(inputs, weights, note: str | None = None) -> None:

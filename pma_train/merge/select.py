@@ -45,12 +45,14 @@ def _is_deepspeed(path: Path) -> bool:
                                   and ds.is_ds_root(path))
 
 
-def _describe_deepspeed(path: Path) -> CheckpointInfo:
+def _describe_deepspeed(path: Path, scan: bool = True) -> CheckpointInfo:
     """A DeepSpeed tag's step: from its name (DeepSpeed's global_step<N>), else its recorded global_steps.
-    Tokens are not recorded (DeepSpeed counts samples, not their length): v_tokens is refused by name."""
+    Tokens are not recorded (DeepSpeed counts samples, not their length): v_tokens is refused by name.
+    `scan`: its files checked complete now (a root's tags: only those selected, by verify_deepspeed)."""
     try:
         tag = ds.resolve_tag(path)
-        ds.scan(tag)
+        if scan:
+            ds.scan(tag)
     except ds.DsLayoutError as err:
         raise CheckpointError(str(err)) from None
     step = ds.step_of(tag)
@@ -62,6 +64,14 @@ def _describe_deepspeed(path: Path) -> CheckpointInfo:
         except (ArchiveError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{tag}: no global_steps in its model states ({err})") from None
     return CheckpointInfo(tag, step, None, ds.FORMAT)
+
+
+def verify_deepspeed(info: CheckpointInfo) -> None:
+    """A selected DeepSpeed input's files complete (its pickles are vetted as the merge indexes them)."""
+    try:
+        ds.scan(info.path)
+    except ds.DsLayoutError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _megatron_tokens(ckpt: Path) -> int | None:
@@ -88,7 +98,7 @@ def checkpoints_of(root: str | Path) -> list[CheckpointInfo]:
     if not layout.list_iterations(root) and ds.is_ds_root(root):
         try:
             ds.resolve_tag(root)  # a `latest` naming a missing tag is named, not skipped
-            return [_describe_deepspeed(tag) for tag in ds.list_tags(root)]
+            return [_describe_deepspeed(tag, scan=False) for tag in ds.list_tags(root)]
         except (ds.DsLayoutError, CheckpointError) as err:
             raise SelectionError(f"root: {err}") from None
     return [describe(root / layout.iter_dir_name(i)) for i in layout.list_iterations(root)]

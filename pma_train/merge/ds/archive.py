@@ -10,6 +10,7 @@ Both refuse any global outside safe_pickle.DEEPSPEED_GLOBALS by name.
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -191,9 +192,17 @@ _RESTRICTED.load = lambda f, **kw: _LoadUnpickler(f, **kw).load()
 _RESTRICTED.__version__ = "1"
 
 
+def import_deepspeed() -> None:
+    """DeepSpeed's classes, for load_objects: imported once, up front, not inside a measured merge."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # unpickling needs DeepSpeed's classes, never a device
+    for module, _ in DEEPSPEED_GLOBALS:
+        if module.startswith("deepspeed."):
+            importlib.import_module(module)
+
+
 def load_objects(path: Path):
     """The file's real objects, tensors memory-mapped (read when touched); vetted first."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # unpickling needs DeepSpeed's classes, never a device
+    import_deepspeed()
     fd = os.open(path, os.O_RDONLY)
     try:
         check_archive(fd, 0, os.fstat(fd).st_size, DEEPSPEED_GLOBALS)

@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from pma_train.checkpoint import integrity, layout, space
 from pma_train.checkpoint.lock import acquire_on_rank0
-from pma_train.merge.ds.archive import Archive, load_objects
-from pma_train.merge.ds.layout import LATEST
+from pma_train.merge.ds.archive import Archive, import_deepspeed, load_objects
+from pma_train.merge.ds.layout import LATEST, read_latest, step_of
 from pma_train.merge.ds.plan import (
     READ_BLOCK_BYTES,
     DsPlanError,
@@ -63,6 +63,7 @@ def run_ds_merge(request: MergeRequest) -> MergeSummary:
         check_budget(ds_plan, accumulate, request.budget_bytes)
     except DsPlanError as err:
         raise MergeError(str(err)) from None
+    import_deepspeed()  # before the merge's memory is measured
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = _share(ds_plan.units, accumulate, world)[rank]
     lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
@@ -247,6 +248,9 @@ def _finish(request: MergeRequest, ds_plan, tmp: Path, final: Path, files, summa
     entries = sorted(files, key=lambda e: e.path) + integrity.file_entries(tmp, [PROVENANCE])
     integrity.write_checksums(tmp, integrity.Checksums(integrity.ALGORITHM, [], entries))
     layout.publish(tmp, final)
+    current = read_latest(request.output_root)
+    if current is not None and current != final.name and (step_of(Path(current)) or -1) > (step_of(final) or -1):
+        return  # the root already holds a newer merge: `latest` keeps naming it
     latest = request.output_root / f"{layout.TMP_PREFIX}{LATEST}.{uuid.uuid4().hex}"
     latest.write_text(final.name)
     os.replace(latest, request.output_root / LATEST)
