@@ -184,13 +184,31 @@ def test_pma_merge_cli_merges_a_deepspeed_root_on_one_rank(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(root / "global_step1") in proc.stdout and not modules & {"torch", "deepspeed"}, modules
     out = tmp_path / "sma"
-    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"root={root}", "n=3", "v_iterations=1",
-                           "method=sma", "accumulate_dtype=fp64", f"output={out}", "progress_bar=false",
+    # 2 ranks x 4 samples a step: 8 samples, 128 tokens of seq_length 16 between checkpoints
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"root={root}", "n=3", "v_tokens=128",
+                           "seq_length=16", "method=sma", "accumulate_dtype=fp64", f"output={out}", "progress_bar=false",
                            "memory_budget_mb=16"], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "384" in proc.stdout and str(root / "global_step1") in proc.stdout, proc.stdout
     _assert_weighted_sum(_fp32(out), _weighted([_fp32(root / tag) for tag in STEP_TAGS], [1 / 3] * 3), exact=True)
     summary = json.loads((out / "global_step3" / "pma_merge.json").read_text())["summary"]
     assert summary["ranks"] == 1 and summary["peak_rss_above_start_bytes"] <= 16 * 2**20, summary
     module = load_objects(out / "global_step3" / "mp_rank_00_model_states.pt")["module"]
     assert all(torch.equal(module[k], v.bfloat16()) for k, v in _fp32(out).items())
+
+
+def test_a_corrupted_file_of_a_recorded_merge_is_named(runs, tmp_path):
+    """A pma-merge output used as an input: its checksums are verified before its partitions are read."""
+    merged = _copy(runs / "z2_bf16_merged2" / "global_step3", tmp_path / "in" / "global_step3")
+    victim = merged / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[-200] ^= 0xFF  # inside the archive's data, same size
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    inputs = [runs / "z2_bf16" / "global_step1", runs / "z2_bf16" / "global_step2", merged]
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"inputs=[{','.join(map(str, inputs))}]",
+                           f"output={out}", "progress_bar=false"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and victim.name in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "global_step3").exists() and not list(out.glob(".tmp*"))

@@ -32,12 +32,13 @@ def selection(cfg: MergeConfig):
     """(inputs oldest first, weights, a note when the listed inputs were reordered) for a merge request."""
     explicit, note = list(cfg.weights), None
     if cfg.inputs:
-        inputs, explicit, reordered = sort_oldest_first(resolve_inputs(cfg.inputs), explicit)
+        inputs, explicit, reordered = sort_oldest_first(resolve_inputs(cfg.inputs, cfg.seq_length), explicit)
         if reordered:
             note = ("inputs are merged oldest first, not in the order listed"
                     + (": each explicit weight stays with the input it was listed with" if explicit else ""))
     else:
-        inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration)
+        inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration,
+                               cfg.seq_length)
     weights = merge_weights(cfg.method, len(inputs), cfg.alpha, explicit, cfg.normalize,
                             cfg.allow_negative_weights, cfg.decay_shape)
     return inputs, weights, note
