@@ -137,7 +137,7 @@ def main() -> None:
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / "ds_merge.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# pma-merge vs zero_to_fp32 on DeepSpeed ZeRO-3 checkpoints",
+    lines = ["# pma-merge vs zero_to_fp32 on DeepSpeed ZeRO-3 checkpoints",
              "",
              f"N={args.count} SMA of ZeRO-3 fp32 checkpoints (AdamW) of a {base['params'] / 1e6:.1f}M-parameter MLP saved "
              f"by DeepSpeed 0.19 from 2 ranks ({input_bytes / 2**30:.2f} GiB per checkpoint); CPU, "

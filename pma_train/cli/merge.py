@@ -84,11 +84,13 @@ def _run(node: DictConfig) -> None:
     import torch.distributed as dist
 
     from pma_train.checkpoint.lock import LockError
-    from pma_train.merge.engine import MergeError, MergeRequest, run_merge
+    from pma_train.merge.engine import MergeError, MergeRequest
+    from pma_train.platform import init_process_group
 
     if inputs[0].format == "deepspeed":  # imports deepspeed's classes only now, for a DeepSpeed input
         from pma_train.merge.ds.engine import run_ds_merge as run_merge
-    from pma_train.platform import init_process_group
+    else:
+        from pma_train.merge.engine import run_merge
 
     init_process_group("gloo")
     if "OMP_NUM_THREADS" not in os.environ:

@@ -10,6 +10,7 @@ Both refuse any global outside safe_pickle.DEEPSPEED_GLOBALS by name.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import os
@@ -77,6 +78,7 @@ class Record:
         return self.state.get(field) if isinstance(self.state, dict) else None
 
 
+@functools.cache
 def _record_class(qualified: str):
     class Bound(Record):
         def __new__(cls, *args):

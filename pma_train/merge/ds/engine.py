@@ -230,7 +230,6 @@ def _write_model_states(request: MergeRequest, ds_plan, unit: ModelUnit, tmp: Pa
 
 def _finish(request: MergeRequest, ds_plan, tmp: Path, final: Path, files, summary: MergeSummary) -> None:
     """Rank 0: provenance, checksums, publish, `latest`."""
-    newest = request.inputs[-1]
     provenance = {
         "tool": "pma-merge", "version": _version(), "format": "deepspeed", "zero_stage": ds_plan.zero_stage,
         "method": request.method, "alpha": request.alpha, "decay_shape": request.decay_shape,
