@@ -1,5 +1,5 @@
 """The lean paths: pma-merge and pma-check import torch and pma_train's merge / checkpoint packages only,
-never the trainer's stack (megatron-core, wandb, transformers, matplotlib), also for a Megatron-LM
+never the trainer's stack (megatron-core, wandb, transformers, matplotlib) nor deepspeed, also for a Megatron-LM
 checkpoint whose tokens are read from its common state; a dry run of pma-merge from side-cars does
 not even import torch; `pma-merge --help` lists merge options only.
 
@@ -19,7 +19,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter, s
 from pma_train.checkpoint import layout
 from tests.launch import REPO, test_env
 
-HEAVY = {"megatron", "wandb", "transformers", "matplotlib"}
+HEAVY = {"megatron", "wandb", "transformers", "matplotlib", "deepspeed"}
 
 # Runs a module as its command would, then lists the top-level packages the process imported.
 RUN_AND_LIST = """

@@ -101,6 +101,21 @@ OBJECT_GLOBALS = TENSOR_GLOBALS | frozenset({
     ("megatron.core.rerun_state_machine", "RerunState"),
 })
 
+# DeepSpeed ZeRO checkpoints (torch.save archives: *_model_states.pt, *_optim_states.pt), as DeepSpeed
+# 0.19 writes them for ZeRO 1 / 2 / 3 in fp32 and bf16: the model and optimizer objects above plus
+# ZeRO-3's tensor subclass rebuild and four plain DeepSpeed types (a dataclass, an int enum and two
+# loss-scaler records; unpickling sets their fields, runs nothing). Megatron-DeepSpeed adds its
+# `args` (argparse.Namespace, admitted above).
+DEEPSPEED_GLOBALS = OBJECT_GLOBALS | frozenset({
+    ("torch", "Size"),
+    ("torch", "Tensor"),
+    ("torch._tensor", "_rebuild_from_type_v2"),  # ZeRO-3 partitions: a plain Tensor rebuilt as Tensor
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),  # not seen: fp16 runs
+})
+
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle names a global outside the allow-list; `global_name` is it (e.g. posix.system)."""

@@ -19,7 +19,7 @@ from pma_train.cli.common import CONF_DIR
 from pma_train.checkpoint.layout import CheckpointError, read_tracker, verify_complete
 from pma_train.config import ConfigError, MergeConfig, validate_merge
 from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
-from pma_train.merge.select import sort_oldest_first
+from pma_train.merge.select import sort_oldest_first, verify_deepspeed
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -32,12 +32,13 @@ def selection(cfg: MergeConfig):
     """(inputs oldest first, weights, a note when the listed inputs were reordered) for a merge request."""
     explicit, note = list(cfg.weights), None
     if cfg.inputs:
-        inputs, explicit, reordered = sort_oldest_first(resolve_inputs(cfg.inputs), explicit)
+        inputs, explicit, reordered = sort_oldest_first(resolve_inputs(cfg.inputs, cfg.seq_length), explicit)
         if reordered:
             note = ("inputs are merged oldest first, not in the order listed"
                     + (": each explicit weight stays with the input it was listed with" if explicit else ""))
     else:
-        inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration)
+        inputs = select_spaced(cfg.root, cfg.n, cfg.v_tokens, cfg.v_iterations, cfg.end_iteration,
+                               cfg.seq_length)
     weights = merge_weights(cfg.method, len(inputs), cfg.alpha, explicit, cfg.normalize,
                             cfg.allow_negative_weights, cfg.decay_shape)
     return inputs, weights, note
@@ -47,7 +48,10 @@ def verify_inputs(inputs) -> None:
     """Every input complete and safe to load, before any process group. Not on a dry run: vetting the
     pickles needs torch (seconds of start-up), and a dry run only shows the selection."""
     for info in inputs:
-        verify_complete(info.path)
+        if info.format == "torch_dist":
+            verify_complete(info.path)
+        else:
+            verify_deepspeed(info)
 
 
 def print_selection(inputs, weights, note: str | None = None) -> None:
@@ -80,8 +84,13 @@ def _run(node: DictConfig) -> None:
     import torch.distributed as dist
 
     from pma_train.checkpoint.lock import LockError
-    from pma_train.merge.engine import MergeError, MergeRequest, run_merge
+    from pma_train.merge.engine import MergeError, MergeRequest
     from pma_train.parallel import init_process_group
+
+    if inputs[0].format == "deepspeed":  # imports deepspeed's classes only now, for a DeepSpeed input
+        from pma_train.merge.ds.engine import run_ds_merge as run_merge
+    else:
+        from pma_train.merge.engine import run_merge
 
     init_process_group("gloo")
     if "OMP_NUM_THREADS" not in os.environ:

@@ -287,6 +287,8 @@ def validate_merge(cfg: MergeConfig) -> None:
             value = getattr(cfg, name)
             if value is not None and value <= 0:
                 _fail(name, f"must be > 0, got {value}")
+    if cfg.seq_length is not None and cfg.seq_length < 1:
+        _fail("seq_length", f"must be >= 1, got {cfg.seq_length}")
     if cfg.memory_budget_mb < 1:
         _fail("memory_budget_mb", f"must be >= 1, got {cfg.memory_budget_mb}")
     if cfg.accumulate_dtype not in ("fp32", "fp64"):

@@ -338,6 +338,9 @@ class MergeConfig(MergeWeighting):
     v_tokens: Optional[int] = None
     v_iterations: Optional[int] = None
     end_iteration: Optional[int] = None
+    # DeepSpeed inputs record samples, not tokens: their tokens (v_tokens, provenance) = the recorded
+    # global_samples x this sequence length. Not used for torch_dist inputs (they record tokens).
+    seq_length: Optional[int] = None
     # method=explicit (besides MergeWeighting's): these weights, one per input in the order inputs are
     # listed (a weight moves with its input when inputs are sorted oldest first); with root, oldest first.
     weights: list[float] = field(default_factory=list)

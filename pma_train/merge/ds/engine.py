@@ -1,0 +1,255 @@
+"""The sharded merge of DeepSpeed ZeRO checkpoints: every rank merges its share of partition files.
+
+Phase 1: the partition files (one per DP x MP rank) are split among the merge ranks by bytes; a
+rank streams each of its files' fp32 master partitions from the N inputs in blocks, accumulates in
+fp32 / fp64, and writes the file back as the newest input's with the merged partitions (optimizer
+moments and step carried, or reset to zero). Phase 2 (ZeRO 1 / 2): each mp rank's model-states file
+is the newest input's with every trained parameter cast from the merged partitions (so the module
+weights are the master weights in their training dtype); ZeRO-3's hold no parameter data and are
+copied. Rank 0 records provenance and checksums, publishes `<output>/<tag>/` atomically and points
+`<output>/latest` at it. No process holds the model beyond one module file of a ZeRO 1 / 2 run,
+which DeepSpeed's own format stores whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pma_train.checkpoint import integrity, layout, space
+from pma_train.checkpoint.lock import acquire_on_rank0
+from pma_train.merge.ds.archive import Archive, import_deepspeed, load_objects
+from pma_train.merge.ds.layout import LATEST, read_latest, step_of
+from pma_train.merge.ds.plan import (
+    READ_BLOCK_BYTES,
+    DsPlanError,
+    ModelUnit,
+    PartitionUnit,
+    check_budget,
+    fp32_partitions,
+    plan,
+    unit_bytes,
+)
+from pma_train.merge.engine import DTYPES, PROVENANCE, TMP_PREFIX, MergeError, MergeRequest, MergeSummary, _version
+from pma_train.merge.plan import Piece, assign
+from pma_train.rss import PeakRss
+
+
+def run_ds_merge(request: MergeRequest) -> MergeSummary:
+    """Merge DeepSpeed inputs on every rank of the default process group; returns the summary."""
+    if len(request.weights) != len(request.inputs):
+        raise MergeError(f"{len(request.weights)} weights for {len(request.inputs)} inputs")
+    if request.output_dtype != "input":
+        raise MergeError("output_dtype: a DeepSpeed output keeps its inputs' dtypes (fp32 master partitions, "
+                         "the module in its training dtype); leave output_dtype=input")
+    accumulate = DTYPES[request.accumulate]
+    tag = request.inputs[-1].path.name
+    final = request.output_root / tag
+    for info in request.inputs:
+        if info.path.resolve() == final.resolve() or request.output_root.resolve().is_relative_to(info.path.resolve()):
+            raise MergeError(f"output: {request.output_root} is (inside) the input {info.path}")
+    if final.exists() and not request.overwrite:
+        raise MergeError(f"output: {final} exists (pass overwrite=true to replace it)")
+    try:
+        ds_plan = plan([info.path for info in request.inputs])
+        check_budget(ds_plan, accumulate, request.budget_bytes)
+    except DsPlanError as err:
+        raise MergeError(str(err)) from None
+    import_deepspeed()  # before the merge's memory is measured
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = _share(ds_plan.units, accumulate, world)[rank]
+    lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
+    try:
+        token = [uuid.uuid4().hex[:8] if rank == 0 else None]
+        if rank == 0:
+            layout.remove_stale_temporaries(request.output_root)
+        dist.broadcast_object_list(token, src=0)
+        tmp = request.output_root / f"{TMP_PREFIX}{tag}.{token[0]}"
+        if rank == 0:
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        return _merge_into(request, ds_plan, mine, accumulate, tmp, final)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _share(units: list[PartitionUnit], accumulate: torch.dtype, world: int) -> list[list[PartitionUnit]]:
+    by_name = {u.name: u for u in units}
+    pieces = [Piece(u.name, (), (), unit_bytes(u, accumulate)) for u in units]
+    return [[by_name[p.key] for p in share] for share in assign(pieces, world)]
+
+
+def _collective(error: str | None, tmp: Path, request: MergeRequest) -> None:
+    """Every rank learns of any rank's failure; the temporary output is dropped."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if failed:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise MergeError(failed[0])
+
+
+def _describe(err: Exception, tmp: Path, request: MergeRequest) -> str:
+    return space.disk_full_message(err, tmp, request.output_root) or (
+        str(err) if isinstance(err, MergeError) else f"{type(err).__name__}: {err}")
+
+
+def _merge_into(request: MergeRequest, ds_plan, mine, accumulate, tmp: Path, final: Path) -> MergeSummary:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    written, error, start, bytes_read = [], None, time.perf_counter(), 0
+    with PeakRss() as rss:
+        try:
+            for unit in mine:
+                bytes_read += _merge_unit(request, unit, accumulate, tmp)
+                written.append(integrity.digest_file(tmp / unit.name))
+        except Exception as err:  # reported collectively: no rank hangs in a barrier
+            error = _describe(err, tmp, request)
+        _collective(error, tmp, request)
+        try:
+            for k, model_unit in enumerate(ds_plan.model_units):
+                if k % world == rank:
+                    _write_model_states(request, ds_plan, model_unit, tmp)
+                    written.append(integrity.digest_file(tmp / model_unit.name))
+            if not ds_plan.model_units and rank == 0:  # ZeRO-3: no parameter data in them
+                for name in ds_plan.checkpoints[-1].model_files.values():
+                    shutil.copy2(ds_plan.checkpoints[-1].path / name, tmp / name)
+                    written.append(integrity.digest_file(tmp / name))
+        except Exception as err:
+            error = _describe(err, tmp, request)
+        _collective(error, tmp, request)
+    seconds = time.perf_counter() - start
+    report = {"rank": rank, "files": written, "bytes_read": bytes_read, "seconds": seconds, "pieces": len(mine),
+              "peak_rss": rss.peak, "rss_growth": rss.peak - rss.start}
+    reports = [None] * world
+    dist.all_gather_object(reports, report)
+    newest = request.inputs[-1]
+    summary = MergeSummary(
+        output=str(final), iteration=newest.iteration, bytes_read=sum(r["bytes_read"] for r in reports),
+        bytes_written=sum(e.length for r in reports for e in r["files"]), seconds=max(r["seconds"] for r in reports),
+        read_gbps=0.0, peak_rss_bytes=max(r["peak_rss"] for r in reports),
+        peak_rss_above_start_bytes=max(r["rss_growth"] for r in reports), ranks=world,
+        pieces=len(ds_plan.units) + len(ds_plan.model_units),
+        per_rank=[{k: r[k] for k in ("rank", "bytes_read", "seconds", "pieces", "peak_rss", "rss_growth")}
+                  for r in reports])
+    summary.read_gbps = summary.bytes_read / max(summary.seconds, 1e-9) / 1e9
+    failure = [None]
+    if rank == 0:
+        try:
+            _finish(request, ds_plan, tmp, final, [e for r in reports for e in r["files"]], summary)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = [_describe(err, tmp, request)]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise MergeError(failure[0])
+    return summary
+
+
+def _verify_recorded(archive: Archive) -> None:
+    """A file of an input pma-merge wrote carries its digest: checked before it is read."""
+    recorded = integrity.read_checksums(archive.path.parent)
+    entry = next((e for e in recorded.files if e.path == archive.path.name), None) if recorded else None
+    if entry is not None:
+        problems = integrity.verify_file_entries(archive.path.parent, recorded.algorithm, [entry])
+        if problems:
+            raise MergeError(problems[0])
+
+
+def _merge_unit(request: MergeRequest, unit: PartitionUnit, accumulate: torch.dtype, tmp: Path) -> int:
+    """Stream one partition file's fp32 partitions from every input; write the output's file."""
+    merged, read = [], 0
+    for archive in unit.archives:
+        _verify_recorded(archive)
+    for g, ref in enumerate(unit.partitions[-1]):
+        acc = torch.zeros(ref.numel, dtype=accumulate)
+        block = max(1, READ_BLOCK_BYTES // ref.dtype.itemsize)
+        for partitions, archive, weight in zip(unit.partitions, unit.archives, request.weights):
+            for start in range(0, ref.numel, block):
+                stop = min(ref.numel, start + block)
+                acc[start:stop].add_(archive.read(partitions[g], start, stop), alpha=weight)
+                read += (stop - start) * ref.dtype.itemsize
+        if not bool(torch.isfinite(acc).all()):
+            raise MergeError(f"{unit.name}: the merged fp32 partition of group {g} holds NaN or Inf "
+                             "(an input does, or the weighted sum overflows)")
+        merged.append(acc.to(ref.dtype))
+        del acc
+    objects = load_objects(unit.archives[-1].path)  # the newest input's file, tensors memory-mapped
+    state = objects["optimizer_state_dict"]
+    key, _ = fp32_partitions(unit.archives[-1])
+    state[key] = merged
+    if not request.carry_optimizer:
+        _reset_moments(state)
+    torch.save(objects, tmp / unit.name)
+    return read
+
+
+def _reset_moments(state: dict) -> None:
+    """Zero every optimizer state tensor (moments, step): the merged run's optimizer starts afresh."""
+    base = state.get("base_optimizer_state") or state.get("optimizer_state_dict")
+    for per_param in (base or {}).get("state", {}).values():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                per_param[name] = torch.zeros_like(value, device="cpu")
+
+
+def _write_model_states(request: MergeRequest, ds_plan, unit: ModelUnit, tmp: Path) -> None:
+    """The newest input's model-states file with each trained parameter = the merged master weight."""
+    objects = load_objects(ds_plan.checkpoints[-1].path / unit.name)
+    module = objects["module"]
+    outputs = [Archive(tmp / u.name) for u in sorted(ds_plan.units, key=lambda u: u.dp) if u.mp == unit.mp]
+    for g, shapes in enumerate(objects["param_shapes"]):
+        for name, shape in shapes.items():
+            pieces = []
+            for archive in outputs:
+                state = archive.objects["optimizer_state_dict"]
+                where = state["param_slice_mappings"][g].get(name) if "param_slice_mappings" in state else None
+                if where is not None:
+                    start, numel = where.get("start"), where.get("numel")
+                    pieces.append(archive.read(fp32_partitions(archive)[1][g], start, start + numel))
+            flat = torch.cat(pieces) if pieces else torch.empty(0)
+            if flat.numel() != torch.Size(shape).numel():
+                raise MergeError(f"{unit.name}: {name} has {flat.numel()} of its {torch.Size(shape).numel()} "
+                                 "elements in the partitions' param_slice_mappings")
+            module[name] = flat.view(shape).to(module[name].dtype)
+    for alias, source in (objects.get("shared_params") or {}).items():
+        if alias in module and source in module:
+            module[alias] = module[source]
+    torch.save(objects, tmp / unit.name)
+
+
+def _finish(request: MergeRequest, ds_plan, tmp: Path, final: Path, files, summary: MergeSummary) -> None:
+    """Rank 0: provenance, checksums, publish, `latest`."""
+    provenance = {
+        "tool": "pma-merge", "version": _version(), "format": "deepspeed", "zero_stage": ds_plan.zero_stage,
+        "method": request.method, "alpha": request.alpha, "decay_shape": request.decay_shape,
+        "inputs": [{"path": str(i.path), "iteration": i.iteration, "consumed_tokens": i.consumed_tokens, "weight": w}
+                   for i, w in zip(request.inputs, request.weights)],
+        "accumulate_dtype": request.accumulate,
+        "optimizer_state": ("carried: fp32 master partitions merged, moments and step from the newest input"
+                            if request.carry_optimizer else
+                            "reset: fp32 master partitions merged, moments and step zero"),
+        "module": ("trained parameters cast from the merged master partitions; buffers and frozen parameters "
+                   "from the newest input"),
+        "summary": {k: v for k, v in asdict(summary).items() if k != "per_rank"},
+    }
+    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2))
+    entries = sorted(files, key=lambda e: e.path) + integrity.file_entries(tmp, [PROVENANCE])
+    integrity.write_checksums(tmp, integrity.Checksums(integrity.ALGORITHM, [], entries))
+    layout.publish(tmp, final)
+    current = read_latest(request.output_root)
+    if current is not None and current != final.name and (step_of(Path(current)) or -1) > (step_of(final) or -1):
+        return  # the root already holds a newer merge: `latest` keeps naming it
+    latest = request.output_root / f"{layout.TMP_PREFIX}{LATEST}.{uuid.uuid4().hex}"
+    latest.write_text(final.name)
+    os.replace(latest, request.output_root / LATEST)

@@ -1,0 +1,142 @@
+"""DeepSpeed's checkpoint directory layout, read from file names alone.
+
+`<root>/<tag>/` (DeepSpeed's default tag: `global_step<N>`) holds one checkpoint; `<root>/latest`
+names the newest tag. In a tag directory, per model-parallel rank `mp`:
+- ZeRO stage 1 / 2: `mp_rank_<mp>_model_states.pt` (the whole module in its training dtype, the
+  parameter shapes, the counters) and, per data-parallel rank `dp`,
+  `[bf16_]zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt` (that rank's fp32 master partition, its
+  optimizer moments, and where each parameter's fragment sits in the partition);
+- ZeRO stage 3: `zero_pp_rank_<dp>_mp_rank_<mp>_model_states.pt` per rank (no parameter data) and
+  the same optim_states files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "deepspeed"
+LATEST = "latest"
+_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_STEP = re.compile(r"global_step(\d+)$")
+# Written beside the data by pma-merge (provenance, checksums) or by DeepSpeed (nothing else).
+SIDE_FILES = frozenset({"pma_merge.json", "checksums.json"})
+
+
+class DsLayoutError(ValueError):
+    """A DeepSpeed checkpoint directory that is incomplete or laid out in a way this merge does not read."""
+
+
+@dataclass
+class DsCheckpoint:
+    path: Path
+    model_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp or -1) -> name
+    optim_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp) -> name
+
+    @property
+    def zero3(self) -> bool:
+        return any(dp >= 0 for _, dp in self.model_files)
+
+    @property
+    def dp_size(self) -> int:
+        return len({dp for _, dp in self.optim_files})
+
+    @property
+    def mp_size(self) -> int:
+        return len({mp for mp, _ in self.optim_files})
+
+    def model_file(self, mp: int) -> str:
+        """The model_states file holding this mp rank's parameter shapes (dp rank 0's under ZeRO-3)."""
+        return self.model_files[(mp, 0)] if self.zero3 else self.model_files[(mp, -1)]
+
+
+def is_ds_tag(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any(_OPTIM.match(p.name) for p in path.iterdir())
+
+
+def is_ds_root(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / LATEST).is_file() or any(is_ds_tag(p) for p in path.iterdir() if p.is_dir()))
+
+
+def step_of(tag_dir: Path) -> int | None:
+    """The global step in a tag's name (DeepSpeed's default tags), else None."""
+    match = _STEP.search(Path(tag_dir).name)
+    return int(match.group(1)) if match else None
+
+
+def read_latest(root: Path) -> str | None:
+    latest = Path(root) / LATEST
+    if not latest.is_file():
+        return None
+    try:
+        tag = latest.read_bytes().decode("utf-8").strip()
+    except (UnicodeDecodeError, OSError) as err:
+        raise DsLayoutError(f"{latest} cannot be read as a tag name: {err}") from None
+    if not tag or "/" in tag or tag in (".", ".."):
+        raise DsLayoutError(f"{latest} holds {tag!r}, not a tag name")
+    return tag
+
+
+def resolve_tag(path: Path) -> Path:
+    """A tag directory from itself or from a root (the tag its `latest` names)."""
+    path = Path(path)
+    if is_ds_tag(path):
+        return path
+    tag = read_latest(path)
+    if tag is None:
+        raise DsLayoutError(f"{path} is neither a DeepSpeed tag directory nor a root with a `latest` file")
+    if not is_ds_tag(path / tag):
+        raise DsLayoutError(f"{path / LATEST} names tag {tag!r}, but {path / tag} is not a DeepSpeed checkpoint "
+                            f"({'missing' if not (path / tag).exists() else 'no *_optim_states.pt in it'})")
+    return path / tag
+
+
+def list_tags(root: Path) -> list[Path]:
+    """The tag directories under a root, oldest first by the step in their names; a tag without
+    one cannot be ordered: named."""
+    tags = [p for p in Path(root).iterdir() if not p.name.startswith(".") and is_ds_tag(p)]
+    unordered = [p.name for p in tags if step_of(p) is None]
+    if unordered:
+        raise DsLayoutError(f"{root}: tags {unordered[:3]} carry no global_step<N> in their names: list the "
+                            "inputs explicitly")
+    return sorted(tags, key=step_of)
+
+
+def scan(tag_dir: Path) -> DsCheckpoint:
+    """The files of one tag directory; DsLayoutError for a missing partition or model-states file."""
+    ckpt, others = DsCheckpoint(Path(tag_dir)), []
+    for path in sorted(Path(tag_dir).iterdir()):
+        name = path.name
+        if (m := _OPTIM.match(name)):
+            ckpt.optim_files[(int(m.group(3)), int(m.group(2)))] = name
+        elif (m := _MODEL.match(name)):
+            ckpt.model_files[(int(m.group(1)), -1)] = name
+        elif (m := _ZERO3_MODEL.match(name)):
+            ckpt.model_files[(int(m.group(2)), int(m.group(1)))] = name
+        elif name not in SIDE_FILES:
+            others.append(name)
+    if others:
+        raise DsLayoutError(f"{tag_dir}: files this merge does not read: {others[:4]} (pipeline-parallel "
+                            "layer files and universal checkpoints are not supported yet)")
+    mps = sorted({mp for mp, _ in ckpt.optim_files})
+    dps = sorted({dp for _, dp in ckpt.optim_files})
+    if not mps:
+        raise DsLayoutError(f"{tag_dir}: no *_optim_states.pt: not a DeepSpeed ZeRO checkpoint")
+    for mp in range(mps[-1] + 1):  # ranks beyond the last present: plan.py, from the recorded DP size
+        for dp in range(dps[-1] + 1):
+            if (mp, dp) not in ckpt.optim_files:
+                raise DsLayoutError(f"{tag_dir}: partition file of data-parallel rank {dp}, model-parallel rank "
+                                    f"{mp} is missing (*zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt)")
+    for mp in mps:
+        wanted = [(mp, dp) for dp in dps] if ckpt.zero3 else [(mp, -1)]
+        for key in wanted:
+            if key not in ckpt.model_files:
+                name = (f"zero_pp_rank_{key[1]}_mp_rank_{mp:02d}_model_states.pt" if ckpt.zero3
+                        else f"mp_rank_{mp:02d}_model_states.pt")
+                raise DsLayoutError(f"{tag_dir}: {name} is missing")
+    return ckpt

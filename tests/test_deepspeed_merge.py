@@ -1,0 +1,214 @@
+"""pma-merge on real DeepSpeed ZeRO checkpoints (CPU, gloo, DS_ACCELERATOR=cpu).
+
+One 2-rank DeepSpeed launch (tests/ds_driver.py) trains a tiny MLP under ZeRO-1 / 2 / 3 in fp32 and
+bf16 and saves 3 checkpoints of each case; pma-merge's engine merges each case on those 2 ranks (fp64
+accumulation, fp32 for one case) and a DeepSpeed engine resumes from every merge; pma-merge's command
+merges one case on 1 rank. Checked against DeepSpeed's own tools: its fp32 reconstruction of the output equals the fp64
+weighted sum of its reconstruction of the inputs; the resumed engine's first loss equals the loss of
+that reconstructed model; the module weights are the merged master weights cast.
+
+Cost: one torchrun launch (~35 s of CPU on 2 cores) and two pma-merge processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pma_train.checkpoint import integrity
+from pma_train.merge import SelectionError, resolve_inputs
+from pma_train.merge.ds.archive import load_objects
+from pma_train.merge.ds.plan import DsPlanError, check_budget, plan
+from tests import ds_driver
+from tests.launch import REPO, free_port, test_env
+from tests.test_lean_imports import run_listing, write_checkpoint
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+CASES = {name: (stage, dtype, carry, accumulate) for name, stage, dtype, carry, accumulate in ds_driver.CASES}
+STEP_TAGS = [f"global_step{s}" for s in range(1, ds_driver.STEPS + 1)]
+
+
+def _env() -> dict:
+    return {**test_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+
+
+def _launch(nproc: int, *args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+           str(REPO / "tests" / "ds_driver.py"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed")
+    _launch(2, str(out), str(out / "resumed.json"))
+    return out
+
+
+def _fp32(path: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own fp32 reconstruction of a root (its `latest`) or a tag directory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if (path / "latest").is_file():
+        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+    return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+
+def _assert_weighted_sum(merged: dict, expected: dict, exact: bool) -> None:
+    assert merged.keys() == expected.keys()
+    for key, value in merged.items():
+        assert value.dtype == torch.float32
+        if exact:  # fp64 accumulation: the fp64 sum, rounded once
+            assert torch.equal(value, expected[key].float()), key
+        else:
+            torch.testing.assert_close(value.double(), expected[key], rtol=1e-6, atol=1e-7)
+
+
+def _weighted(inputs: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in inputs[0].items()}
+    for state, weight in zip(inputs, weights):
+        for k, v in state.items():
+            total[k] += weight * v.double()
+    return total
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deepspeed_reconstruction_of_the_merge_is_the_weighted_sum(runs, case):
+    inputs = [_fp32(runs / case / tag) for tag in STEP_TAGS]
+    merged = _fp32(runs / f"{case}_merged2")  # through its `latest`
+    _assert_weighted_sum(merged, _weighted(inputs, ds_driver.WEIGHTS), exact=CASES[case][3] == "fp64")
+    assert any(not torch.equal(merged[k], inputs[-1][k]) for k in merged), "the merge is the newest input"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_module_weights_and_optimizer_state_of_the_output(runs, case):
+    stage, dtype, carry, _ = CASES[case]
+    out = runs / f"{case}_merged2" / "global_step3"
+    merged = _fp32(out)
+    if stage < 3:  # the module, whole, in its training dtype: the merged master weights cast
+        module = load_objects(out / "mp_rank_00_model_states.pt")["module"]
+        for key, value in merged.items():
+            assert torch.equal(module[key], value.to(ds_driver.dtype_of(dtype))), key
+    newest = runs / case / "global_step3"
+    for name in sorted(p.name for p in out.glob("*optim_states.pt")):
+        mine, theirs = (load_objects(d / name)["optimizer_state_dict"] for d in (out, newest))
+        base = "optimizer_state_dict" if stage == 3 else "base_optimizer_state"
+        for param, state in mine[base]["state"].items():
+            for key, value in state.items():
+                if carry:
+                    assert torch.equal(value, theirs[base]["state"][param][key]), (name, key)
+                else:
+                    assert not value.any(), (name, key)
+
+
+def test_resumed_engine_first_loss_is_the_merged_models(runs):
+    results = json.loads((runs / "resumed.json").read_text())
+    assert set(results) == set(CASES)
+    for case, found in results.items():
+        assert found["resumed"] == found["merged_model"], (case, found)
+        assert found["global_steps"] == ds_driver.STEPS + 1, found  # resumed at the newest input's step, stepped
+
+
+def test_output_layout_provenance_and_checksums(runs):
+    root = runs / "z2_bf16_merged2"
+    assert (root / "latest").read_text() == "global_step3"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+    out = root / "global_step3"
+    provenance = json.loads((out / "pma_merge.json").read_text())
+    assert [i["weight"] for i in provenance["inputs"]] == ds_driver.WEIGHTS
+    assert provenance["format"] == "deepspeed" and provenance["zero_stage"] == 2
+    recorded = integrity.read_checksums(out)
+    assert {e.path for e in recorded.files} == {p.name for p in out.iterdir()} - {"checksums.json"}
+    for entry in recorded.files:
+        assert integrity.verify_file_entries(out, recorded.algorithm, [entry]) == []
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_inputs_are_named_before_anything_is_written(runs, tmp_path):
+    z2 = [runs / "z2_bf16" / tag for tag in STEP_TAGS]
+    # different formats
+    torch_dist = tmp_path / "torch_dist" / "iter_0000003"
+    write_checkpoint(torch_dist, 3, sidecar=True)
+    with pytest.raises(SelectionError, match="different formats"):
+        resolve_inputs([str(z2[0]), str(torch_dist)])
+    # a missing partition file
+    broken = _copy(z2[0], tmp_path / "missing" / "global_step1")
+    (broken / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(DsPlanError, match="data-parallel ranks 1..1 are missing .* dp_world_size=2"):
+        plan([broken, z2[1]])
+    (broken / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").rename(
+        broken / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    with pytest.raises(SelectionError, match="data-parallel rank 0.*missing"):
+        resolve_inputs([str(broken), str(z2[1])])
+    # `latest` naming a tag that is not there
+    root = _copy(runs / "z2_bf16", tmp_path / "root")
+    (root / "latest").write_text("global_step9")
+    with pytest.raises(SelectionError, match="names tag 'global_step9'"):
+        resolve_inputs([str(root)])
+    # different stages / layouts, different parameter shapes
+    with pytest.raises(DsPlanError, match="ZeRO-1/2 files .* ZeRO-3"):
+        plan([z2[0], runs / "z3_bf16" / "global_step3"])
+    reshaped = _copy(z2[0], tmp_path / "reshaped" / "global_step1")
+    states = load_objects(reshaped / "mp_rank_00_model_states.pt")
+    states["param_shapes"][0]["0.weight"] = torch.Size([6, 24])
+    torch.save(states, reshaped / "mp_rank_00_model_states.pt")
+    with pytest.raises(DsPlanError, match=r"0.weight is \(6, 24\), the newest input has \(24, 6\)"):
+        plan([reshaped, z2[1]])
+    # the same, through pma-merge: exit 1, the message, no output
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"inputs=[{reshaped},{z2[1]}]",
+                           f"output={out}", "progress_bar=false"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "0.weight is (6, 24)" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+    # a budget no partition file fits
+    with pytest.raises(DsPlanError, match="memory_budget_mb=0: rewriting .* needs"):
+        check_budget(plan(z2), torch.float32, 2**10)
+
+
+def test_pma_merge_cli_merges_a_deepspeed_root_on_one_rank(runs, tmp_path):
+    root = runs / "z2_bf16"
+    proc, modules = run_listing("pma_train.cli.merge", f"root={root}", "n=3", "v_iterations=1", "dry_run=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(root / "global_step1") in proc.stdout and not modules & {"torch", "deepspeed"}, modules
+    out = tmp_path / "sma"
+    # 2 ranks x 4 samples a step: 8 samples, 128 tokens of seq_length 16 between checkpoints
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"root={root}", "n=3", "v_tokens=128",
+                           "seq_length=16", "method=sma", "accumulate_dtype=fp64", f"output={out}", "progress_bar=false",
+                           "memory_budget_mb=16"], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "384" in proc.stdout and str(root / "global_step1") in proc.stdout, proc.stdout
+    _assert_weighted_sum(_fp32(out), _weighted([_fp32(root / tag) for tag in STEP_TAGS], [1 / 3] * 3), exact=True)
+    summary = json.loads((out / "global_step3" / "pma_merge.json").read_text())["summary"]
+    assert summary["ranks"] == 1 and summary["peak_rss_above_start_bytes"] <= 16 * 2**20, summary
+    module = load_objects(out / "global_step3" / "mp_rank_00_model_states.pt")["module"]
+    assert all(torch.equal(module[k], v.bfloat16()) for k, v in _fp32(out).items())
+
+
+def test_a_corrupted_file_of_a_recorded_merge_is_named(runs, tmp_path):
+    """A pma-merge output used as an input: its checksums are verified before its partitions are read."""
+    merged = _copy(runs / "z2_bf16_merged2" / "global_step3", tmp_path / "in" / "global_step3")
+    victim = merged / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[-200] ^= 0xFF  # inside the archive's data, same size
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    inputs = [runs / "z2_bf16" / "global_step1", runs / "z2_bf16" / "global_step2", merged]
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"inputs=[{','.join(map(str, inputs))}]",
+                           f"output={out}", "progress_bar=false"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and victim.name in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "global_step3").exists() and not list(out.glob(".tmp*"))
