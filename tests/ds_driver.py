@@ -72,7 +72,7 @@ def merge(out: Path) -> None:
     from pma_train.merge.ds.engine import run_ds_merge
     from pma_train.merge.engine import MergeRequest
     from pma_train.merge.select import select_spaced
-    from pma_train.platform import init_process_group
+    from pma_train.parallel import init_process_group
 
     init_process_group("gloo")  # returns at once under DeepSpeed's
     world = torch.distributed.get_world_size()
