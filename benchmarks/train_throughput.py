@@ -92,7 +92,7 @@ def compose_config(args: argparse.Namespace, run_dir: str):
     """pma-train's JobConfig, composed by hydra exactly as `pma-train` composes it."""
     from hydra import compose, initialize_config_dir
 
-    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
 
     total = args.warmup + args.rounds * args.steps + 1  # + the untimed last step (make_schedule)

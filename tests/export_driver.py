@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 
 def _job_config(job: dict, seq_length: int):
-    from pma_train.cli.common import model_configs_dir
+    from pma_train.conf import model_configs_dir
     from pma_train.config import JobConfig, ModelConfig
 
     cfg = JobConfig()

@@ -10,8 +10,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pma_train.checkpoint.layout import CheckpointError, check_loadable
-from pma_train.cli.common import CONF_DIR, register_configs
 from pma_train.cli.quiet import quiet_third_party
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError, EvalConfig, validate
 
 

@@ -8,10 +8,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pma_train.cli.common import CONF_DIR, register_configs
-from pma_train.cli.quiet import quiet_third_party
 from pma_train.checkpoint.layout import CheckpointError, check_loadable, is_gpt_checkpoint, list_iterations
 from pma_train.checkpoint.origin import check_restart_of_init_run
+from pma_train.cli.quiet import quiet_third_party
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError, JobConfig, check_output_dirs, to_job_config, validate
 from pma_train.platform import PlatformError, check_devices
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 def job_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
 
     register_configs()
