@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _trainer(overrides: list[str], run_dir: Path):
     from hydra import compose, initialize_config_dir
 
-    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
     from pma_train.train.trainer import Trainer
 

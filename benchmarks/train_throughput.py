@@ -92,7 +92,7 @@ def compose_config(args: argparse.Namespace, run_dir: str):
     """pma-train's JobConfig, composed by hydra exactly as `pma-train` composes it."""
     from hydra import compose, initialize_config_dir
 
-    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
 
     total = args.warmup + args.rounds * args.steps + 1  # + the untimed last step (make_schedule)
@@ -415,9 +415,9 @@ def run(args: argparse.Namespace) -> dict | None:
 
     trainer = Trainer(cfg)  # initialises the process groups; the bare loop reuses them
     rank0 = dist.get_rank() == 0
-    loops = {"bare": BareLoop(trainer.cfg, trainer.train_ds, live_data=args.bare_data == "live")}
+    loops = {"bare": BareLoop(trainer.cfg, trainer.parts.train_data, live_data=args.bare_data == "live")}
     if args.control:
-        loops["control"] = BareLoop(trainer.cfg, trainer.train_ds, live_data=args.bare_data == "live")
+        loops["control"] = BareLoop(trainer.cfg, trainer.parts.train_data, live_data=args.bare_data == "live")
     for loop in loops.values():
         loop.prebuild(total_steps + 1)
     bare = loops["bare"]
@@ -489,7 +489,7 @@ def run(args: argparse.Namespace) -> dict | None:
                 "progress_bar": args.progress_bar},
         "env": {"OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"], "torch_threads": torch.get_num_threads(),
                 "cpus": os.cpu_count(), "device": trainer.platform.device.type, "backend": trainer.platform.backend,
-                "precision": str(trainer.model_config.params_dtype).replace("torch.", ""),
+                "precision": str(trainer.parts.model_config.params_dtype).replace("torch.", ""),
                 "torch": torch.__version__, "megatron_core": megatron.core.__version__,
                 "python": host_platform.python_version(), "host": host_platform.processor() or host_platform.machine(),
                 "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -1,7 +1,7 @@
 """Learning-rate schedules: megatron-core's OptimizerParamScheduler, configured from our config.
 
 Units: the scheduler counts *iterations* (optimizer steps). The trainer calls
-`scheduler.step(increment=scheduler_increment(train))` once after each optimizer step, so the
+`scheduler.step(increment=1)` once after each optimizer step, so the
 update of iteration i (0-based) uses the LR at `num_steps == i`: 0 at the first update of a
 warmup, and `train.min_lr` reached at `num_steps == train.iters`, just after the last update.
 (Megatron-LM counts samples instead, stepping by the global batch size; our configs are in
@@ -22,11 +22,6 @@ from pma_train.config import ConfigError, ScheduleConfig, TrainConfig
 
 # Our decay-shape names -> megatron's `lr_wsd_decay_style`.
 DECAY_SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "minus_sqrt", "exponential": "exponential"}
-
-
-def scheduler_increment(train: TrainConfig) -> int:
-    """What the trainer passes to `scheduler.step(increment=...)` after each iteration."""
-    return 1  # the scheduler counts iterations (see the module docstring)
 
 
 class Scheduler(OptimizerParamScheduler):
@@ -144,4 +139,17 @@ def build_annealing_scheduler(optimizer, start_iter: int, start_lr: float, final
         override_opt_param_scheduler=False,
     )
     scheduler.step(increment=start_iter)
+    return scheduler
+
+
+def build_annealing_branch(optimizer, train: TrainConfig, schedule: ScheduleConfig, start_iter: int,
+                           iteration: int) -> Scheduler:
+    """schedule=anneal: the scheduler of a branch forked at start_iter that anneals train.lr to
+    train.min_lr by train.iters, positioned at `iteration` (a restarted branch resumes where it was)."""
+    if train.iters <= start_iter:
+        raise ConfigError(f"train.iters: {train.iters} must be beyond the fork's iteration {start_iter} "
+                          "for an annealing branch")
+    scheduler = build_annealing_scheduler(optimizer, start_iter, train.lr, train.min_lr, train.iters - start_iter,
+                                          schedule.decay_shape, weight_decay=train.weight_decay)
+    scheduler.step(increment=iteration - start_iter)
     return scheduler

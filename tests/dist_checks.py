@@ -23,7 +23,7 @@ def main() -> None:
     from megatron.core import dist_checkpointing, parallel_state
 
     from pma_train.checkpoint.state import model_sharded_state_dict
-    from pma_train.cli.common import model_configs_dir
+    from pma_train.conf import model_configs_dir
     from pma_train.config import JobConfig, ModelConfig
     from pma_train.model import build_model
     from pma_train.parallel import init_distributed

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 
 def _job_config(job: dict, seq_length: int):
-    from pma_train.cli.common import model_configs_dir
+    from pma_train.conf import model_configs_dir
     from pma_train.config import JobConfig, ModelConfig
 
     cfg = JobConfig()
@@ -31,9 +31,9 @@ def _job_config(job: dict, seq_length: int):
 
 
 def _make(cfg, platform, path: str) -> None:
+    from pma_train.checkpoint.megatron_args import megatron_args
     from pma_train.checkpoint.state import TrainState, save_checkpoint
-    from pma_train.model import build_model
-    from pma_train.train.trainer import megatron_args
+    from pma_train.model import build_model, padded_vocab_size
 
     chunks = build_model(cfg, platform, vocab_size=257)
     gen = torch.Generator().manual_seed(7)
@@ -41,7 +41,8 @@ def _make(cfg, platform, path: str) -> None:
         for name, param in chunks[0].named_parameters():
             param.add_(torch.randn(param.shape, generator=gen) * (0.1 if param.dim() == 1 else 0.02))
     state = TrainState(iteration=1)
-    save_checkpoint(path, chunks, None, None, state, megatron_args(cfg, state, 257))
+    padded = padded_vocab_size(257, cfg.model.make_vocab_size_divisible_by)
+    save_checkpoint(path, chunks, None, None, state, megatron_args(cfg, state, padded))
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ TOKENS = [[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 256, 0, 
 
 
 def _preset(name: str, overrides: dict | None = None):
-    from pma_train.cli.common import model_configs_dir
+    from pma_train.conf import model_configs_dir
     from pma_train.config import ModelConfig
 
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),

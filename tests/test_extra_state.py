@@ -157,7 +157,7 @@ def test_export_ignores_extra_state(work, tmp_path):
 
     from omegaconf import OmegaConf
 
-    from pma_train.cli.common import model_configs_dir
+    from pma_train.conf import model_configs_dir
     from pma_train.config import ModelConfig
     from pma_train.export import ExportConfig, export, prepare
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
-from pma_train.merge.select import SIDE_CAR
 
 # Key of TrainState.extra (saved in every checkpoint's side-car and carried across resumes).
 INIT_FROM_KEY = "init_from"
@@ -26,7 +25,7 @@ def init_from_record(init_from: str | Path) -> str:
 
 def recorded_init_from(ckpt_dir: Path) -> str | None:
     """The init_from a checkpoint's run started from; None for a run that did not (or predates the record)."""
-    sidecar = Path(ckpt_dir) / SIDE_CAR
+    sidecar = Path(ckpt_dir) / layout.TRAIN_STATE_SIDECAR
     if not sidecar.is_file():
         return None
     try:

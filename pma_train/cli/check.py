@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pma_train.checkpoint.check import CheckConfig, format_table, timed_check
 from pma_train.checkpoint.layout import CheckpointError
-from pma_train.cli.common import CONF_DIR
+from pma_train.conf import CONF_DIR
 
 # hydra options that take the next argument as their value: not a path
 _VALUE_OPTIONS = {"-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir"}

@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import DataPrepConfig, TokenizerConfig
 
 # Must match pma_train.data.prepare (not imported here: it pulls in torch, and --help and the

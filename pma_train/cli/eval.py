@@ -10,8 +10,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pma_train.checkpoint.layout import CheckpointError, check_loadable
-from pma_train.cli.common import CONF_DIR, register_configs
 from pma_train.cli.quiet import quiet_third_party
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError, EvalConfig, validate
 
 
@@ -36,7 +36,7 @@ def _run(node: DictConfig) -> None:
     from pma_train.evaluate import Evaluator
     from pma_train.parallel import destroy_distributed
 
-    evaluator = Evaluator(cfg, cfg.run.dir)
+    evaluator = Evaluator(cfg)
     try:
         results = [evaluator.evaluate(path) for path in cfg.checkpoints]
     except CheckpointError as err:  # e.g. a checksum mismatch, found as the checkpoint is loaded
@@ -49,7 +49,6 @@ def _run(node: DictConfig) -> None:
         if cfg.output:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.output).write_text(json.dumps(results, indent=2))
-    evaluator.close()
     destroy_distributed()
 
 

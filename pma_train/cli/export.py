@@ -9,7 +9,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.export.config import ExportConfig
 
 

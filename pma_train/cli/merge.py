@@ -15,8 +15,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pma_train.cli.common import CONF_DIR
 from pma_train.checkpoint.layout import CheckpointError, read_tracker, verify_complete
+from pma_train.conf import CONF_DIR
 from pma_train.config import ConfigError, MergeConfig, validate_merge
 from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
 from pma_train.merge.select import sort_oldest_first, verify_deepspeed

@@ -12,7 +12,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError
 from pma_train.plan import BuildError, PlanJobConfig, make_plan
 

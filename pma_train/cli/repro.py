@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pma_train.cli.common import CONF_DIR, register_configs
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError
 from pma_train.repro.config import ReproConfig, validate_repro
 
@@ -46,6 +47,7 @@ def _run(node: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    ConfigStore.instance().store(name="repro_schema", node=ReproConfig)
     _run()
 
 

@@ -8,10 +8,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pma_train.cli.common import CONF_DIR, register_configs
-from pma_train.cli.quiet import quiet_third_party
 from pma_train.checkpoint.layout import CheckpointError, check_loadable, is_gpt_checkpoint, list_iterations
 from pma_train.checkpoint.origin import check_restart_of_init_run
+from pma_train.cli.quiet import quiet_third_party
+from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError, JobConfig, check_output_dirs, to_job_config, validate
 from pma_train.platform import PlatformError, check_devices
 
@@ -89,8 +89,8 @@ def _run(cfg: DictConfig) -> None:
             print(f"pma-train: error: {err}", file=sys.stderr, flush=True)
         destroy_distributed()
         raise SystemExit(3 if isinstance(err, LockError) else 1) from None
-    if trainer.ckpt_lock is not None:
-        trainer.ckpt_lock.release()
+    if trainer.checkpointer.lock is not None:
+        trainer.checkpointer.lock.release()
     destroy_distributed()
     if summary["preempted"]:
         from pma_train.train.preemption import PREEMPTED_EXIT_CODE

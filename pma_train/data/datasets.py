@@ -58,10 +58,11 @@ def build_datasets(
     tokenizer: Tokenizer,
     seq_length: int,
     seed: int,
-    num_samples: tuple[int, int],
+    num_samples: tuple[int | None, int],
     is_built_on_rank: Callable[[], bool] = lambda: True,
 ) -> tuple[Optional[Dataset], Optional[Dataset]]:
-    """(train, valid) datasets of at least num_samples = (n_train, n_valid) samples each.
+    """(train, valid) datasets of at least num_samples = (n_train, n_valid) samples each; n_train None
+    builds the validation set alone (evaluation), the same one a training run builds.
 
     A dataset is None where data.split gives it no share (e.g. "100,0,0" has no validation), or
     on ranks where `is_built_on_rank()` is false while a process group exists. Call it on every
@@ -72,7 +73,8 @@ def build_datasets(
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import Split
 
-    n_train, n_valid = (int(n) for n in num_samples)
+    train_wanted = num_samples[0] is not None
+    n_train, n_valid = int(num_samples[0] or 0), int(num_samples[1])
     if seq_length < 1 or n_train < 0 or n_valid < 0:
         raise ValueError(f"need seq_length >= 1 and num_samples >= 0, got {seq_length}, {num_samples}")
     prefixes, weights = _blend(data_cfg, tokenizer)
@@ -93,6 +95,8 @@ def build_datasets(
     # We never evaluate on the test split; not building it also spares megatron-core's endless loop
     # when the test share rounds to zero documents (e.g. "949,50,1" of a small corpus).
     config.split_matrix[Split.test.value] = None
+    if not train_wanted:
+        config.split_matrix[Split.train.value] = None
     _check_split_not_empty(prefixes, data_cfg.split, config.split_matrix)
 
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [n_train, n_valid, 0], is_built_on_rank, config)

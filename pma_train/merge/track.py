@@ -121,6 +121,11 @@ class MergeTracker:
             share.read(share.start, share.start + share.share, buffer)
         self.snapshots.append((iteration, buffers))
 
+    def drop_after(self, iteration: int) -> None:
+        """Forget snapshots past `iteration` (a spike recovery undid the steps that made them)."""
+        while self.snapshots and self.snapshots[-1][0] > iteration:
+            self.snapshots.pop()
+
     @property
     def ready(self) -> bool:
         return len(self.snapshots) == self.n

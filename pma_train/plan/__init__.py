@@ -170,8 +170,10 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
         })
     peak = max(ranks, key=lambda r: r["total_bytes"])
 
+    from pma_train.model.flops import flops_formula  # loaded with the model by count_model above
+
     matmul_activated = activated(total.matmul, total.matmul_expert)
-    flops = estimate.flops_per_token(matmul_activated, pattern.count("*"), t.seq_length, shape.heads * kv)
+    flops = flops_formula(matmul_activated, pattern.count("*"), t.seq_length, shape.heads * kv)
     tokens_per_step = t.global_batch_size * t.seq_length
     return {
         "model": m.name,

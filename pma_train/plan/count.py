@@ -23,28 +23,17 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from pma_train.config import JobConfig
 
+if TYPE_CHECKING:
+    from pma_train.model.flops import Tally
 
-@dataclass
-class Tally:
-    """Parameters of some modules: on one rank, and in the whole model (each tensor once)."""
-
-    local: int = 0  # on the rank (its TP / EP shard)
-    local_expert: int = 0  # of which routed-expert weights
-    total: int = 0  # in the model: TP shards x tp, expert shards x ep (x expert-TP), tied copies once
-    expert: int = 0  # of which routed-expert weights
-    # of `total`: weights of the matrix products Megatron-LM counts FLOPs of (not the input embedding
-    # lookup, not norms, not the MoE router)
-    matmul: int = 0
-    matmul_expert: int = 0  # of `matmul`: routed-expert weights
-
-    def add(self, other: "Tally", times: int = 1) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + times * getattr(other, name))
+# pma_train.model (its parameter tally included) is imported inside the functions that count: importing
+# it loads megatron-core, which `pma-plan --help` and a config error need not wait for.
 
 
 @dataclass
@@ -68,9 +57,12 @@ class ModelCount:
     padded_vocab_size: int
     expert_tensor_parallel: int
     full_build: bool
-    total: Tally = field(default_factory=Tally)
+    total: Tally = field(init=False)
 
     def __post_init__(self) -> None:
+        from pma_train.model.flops import Tally
+
+        self.total = Tally()
         for chunk in self.chunks:
             self.total.add(chunk.params)
 
@@ -87,6 +79,7 @@ def layer_kinds(pattern: str) -> str:
 def count_model(cfg: JobConfig, vocab_size: int, full: bool = False) -> ModelCount:
     """Build the job's model on the meta device, one rank per pipeline stage, and count it."""
     from pma_train.model.build import staged_pattern
+    from pma_train.model.flops import Tally
 
     p = cfg.parallel
     vpp = p.vpp or 1
@@ -156,33 +149,6 @@ class _Chunk:
 # ----------------------------------------------------------------------------- counting
 
 
-def tally(named_params, tp: int, ep: int, etp: int, tied: bool) -> Tally:
-    t = Tally()
-    for name, param in named_params:
-        n = param.numel()
-        # pma-train (and megatron at EP > 1) marks routed-expert weights allreduce=False.
-        expert = getattr(param, "allreduce", True) is False
-        sharded = bool(getattr(param, "tensor_model_parallel", False))
-        t.local += n
-        t.local_expert += n if expert else 0
-        if getattr(param, "shared", False):
-            continue  # the last stage's copy of a tied embedding: counted on the first stage
-        scale = (ep * (etp if sharded else 1)) if expert else (tp if sharded else 1)
-        t.total += n * scale
-        t.expert += n * scale if expert else 0
-        is_input_embedding = name.startswith("embedding.")
-        used_as_matrix = not is_input_embedding or (tied and "word_embeddings" in name)
-        if param.dim() >= 2 and used_as_matrix and not _is_router(name):
-            t.matmul += n * scale
-            t.matmul_expert += n * scale if expert else 0
-    return t
-
-
-def _is_router(name: str) -> bool:
-    # Megatron-LM's FLOPs leave out the router's (hidden x experts) product: so do we, to agree.
-    return ".router." in name
-
-
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -199,6 +165,8 @@ def _split_layers(module) -> tuple[list, dict[int, list]]:
 
 def _tally_chunk(module, tp: int, ep: int, etp: int, tied: bool) -> tuple[Tally, Tally, dict[str, Tally]]:
     """(embedding, final norm + output layer, one layer of each kind) of a built chunk."""
+    from pma_train.model.flops import Tally, tally
+
     stage, by_layer = _split_layers(module)
     types = module.decoder.layer_type_list
     per_layer: dict[str, Tally] = {}
@@ -212,6 +180,8 @@ def _tally_chunk(module, tp: int, ep: int, etp: int, tied: bool) -> tuple[Tally,
 
 
 def _tally_layers(module, tp: int, ep: int, etp: int, tied: bool) -> list[Tally]:
+    from pma_train.model.flops import tally
+
     _, by_layer = _split_layers(module)
     return [tally(named, tp, ep, etp, tied) for _, named in sorted(by_layer.items())]
 

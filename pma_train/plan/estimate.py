@@ -1,4 +1,4 @@
-"""Memory and FLOPs estimates of a training step: arithmetic only (no torch, no megatron-core).
+"""Memory estimates of a training step: arithmetic only (no torch, no megatron-core).
 
 Memory per GPU, as pma-train trains (megatron-core DDP + Adam, see train/optim.py):
   bf16 / fp16: weights 2 bytes/param, gradient buffers 4 (fp32 reduction), optimizer 12 = fp32
@@ -24,14 +24,7 @@ holds min((pp - rank - 1)*2 + (vpp - 1)*pp + 1, micro-batches*vpp) chunk-micro-b
 warm-up count + 1), valued at the mean of its chunks. Not counted: communication and temporary
 buffers, the CUDA context, allocator fragmentation.
 
-FLOPs per token of a training step (forward + backward = 3 x forward), as Megatron-LM counts them
-(`num_floating_point_operations` in megatron/training/training.py, BSHD batches):
-  6 * N_matmul + 6 * L_attn * s * h_q
-N_matmul = activated weights of matrix products (routed experts x top-k / experts, shared experts;
-the output layer; not the input embedding lookup, not norms, not the MoE router). 6 * L_attn * s *
-h_q = the score and value products (QK^T, softmax(QK^T) V: 4 s h_q per token forward) of L_attn
-attention layers at sequence length s, halved for the causal mask (only half the scores are
-computed), as Megatron-LM has counted them since it split out the core-attention term.
+FLOPs per token: pma_train/model/flops.py (one formula for pma-plan and the trainer).
 """
 
 from __future__ import annotations
@@ -118,11 +111,3 @@ def in_flight(pp_rank: int, layout: Layout) -> int:
         total = m * layout.vpp
         return min((pp - pp_rank - 1) * 2 + (layout.vpp - 1) * pp + 1, total)
     return min(pp - pp_rank, m)
-
-
-def flops_per_token(matmul_activated: int, attention_layers: int, seq_length: int,
-                    query_width: int) -> dict[str, float]:
-    """Model FLOPs per token of a training step; query_width = heads x kv_channels (h_q)."""
-    matmul = 6 * matmul_activated
-    attention = 6 * attention_layers * seq_length * query_width  # causal: half of 12 s h_q
-    return {"matmul": matmul, "attention": attention, "total": matmul + attention}

@@ -22,7 +22,7 @@ import torch.distributed as dist
 def job_config(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
 
     register_configs()
@@ -52,7 +52,7 @@ def main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     work = Path(spec["work"])
-    evaluator = Evaluator(job_config(spec["overrides"]), work / "eval")
+    evaluator = Evaluator(job_config(spec["overrides"]))
     rank0 = dist.get_rank() == 0
     results = []
     for job in spec["jobs"]:
@@ -74,7 +74,6 @@ def main(spec_path: str) -> None:
     if rank0:
         shutil.rmtree(work / "scratch", ignore_errors=True)
         Path(spec["output"]).write_text(json.dumps(results, indent=2))
-    evaluator.close()
     destroy_distributed()
 
 

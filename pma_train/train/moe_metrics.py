@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pma_train.train.hooks import Callback
+
 _AUX_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
                    "global_aux_loss": "global_load_balancing_loss"}
 
 
-class MoEMetrics:
+class MoEMetrics(Callback):
     def __init__(self, model_chunks: list[torch.nn.Module], model_config, pattern: str, sequence_parallel: bool):
         from megatron.core.transformer.moe.router import TopKRouter
 
@@ -40,6 +42,9 @@ class MoEMetrics:
         if router.training and torch.is_grad_enabled():  # training forwards only, not eval or recompute
             routing_map = output[1]
             self.loads[router.layer_number - 1] += routing_map.sum(dim=0).detach().float()
+
+    def log_metrics(self, trainer, steps: int) -> dict:
+        return self.report(steps, trainer.num_microbatches)
 
     def report(self, steps: int, num_microbatches: int) -> dict:
         """Means over the window: {moe_<loss>: value, moe_load_imbalance (max/mean, worst layer),

@@ -1,4 +1,5 @@
-"""The forward step megatron-core's pipeline schedules call per micro-batch, and its loss."""
+"""The forward step megatron-core's pipeline schedules call per micro-batch, its loss, and the
+validation loss (the trainer's and pma-eval's)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import time
 from functools import partial
 
 import torch
+
+from pma_train.checkpoint import rng
 
 
 class DataTimer:
@@ -107,3 +110,26 @@ def reduce_lm_loss(losses_reduced: list[dict], device: torch.device,
     dist.all_reduce(total)
     loss, tokens, stops = total.tolist()
     return loss / max(tokens, 1.0), tokens, stops > 0
+
+
+@torch.no_grad()
+@rng.preserved()  # training's random streams are the same however often it evaluates
+def validation_loss(parts, forward_step) -> float:
+    """Mean loss per token over train.eval_iters global batches of the validation data, from its
+    first batch, of the model in `parts` (pma_train/train/components.py)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    t = parts.cfg.train
+    forward_backward = get_forward_backward_func()
+    for chunk in parts.model:
+        chunk.eval()
+    iterators = parts.eval_iterators()
+    records = []
+    for _ in range(t.eval_iters):
+        records += forward_backward(
+            forward_step_func=forward_step, data_iterator=iterators, model=parts.model,
+            num_microbatches=parts.num_microbatches, seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=True)
+    for chunk in parts.model:
+        chunk.train()
+    return reduce_lm_loss(records, parts.platform.device)[0]

@@ -1,0 +1,87 @@
+"""A training run's checkpoints: the root it owns (under a lock), what each save holds, and the
+state a job starts from (its own latest checkpoint, checkpoint.load, init_from, or PMA-init)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pma_train.checkpoint import layout
+from pma_train.checkpoint.lock import RootLock
+from pma_train.checkpoint.megatron_args import megatron_args
+from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
+from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
+from pma_train.config import JobConfig
+
+
+class Checkpointer:
+    def __init__(self, cfg: JobConfig, lock: RootLock | None, padded_vocab_size: int):
+        self.cfg = cfg
+        self.root = Path(cfg.checkpoint.dir)
+        self.lock = lock  # held by global rank 0 from before the root was first touched
+        self.padded_vocab_size = padded_vocab_size
+        self.last_saved_iteration: int | None = None
+
+    def path(self, iteration: int) -> Path:
+        return self.root / layout.iter_dir_name(iteration)
+
+    def iterations(self) -> list[int]:
+        return layout.list_iterations(self.root)
+
+    def save(self, model, optimizer, scheduler, state: TrainState) -> Path:
+        """A checkpoint of the run at state.iteration (the optimizer unless checkpoint.save_optimizer=false)."""
+        c = self.cfg.checkpoint
+        path = save_checkpoint(self.root, model, optimizer if c.save_optimizer else None, scheduler, state,
+                               megatron_args(self.cfg, state, self.padded_vocab_size), check_space=c.check_free_space)
+        self.last_saved_iteration = state.iteration
+        return path
+
+    def save_weights(self, root: Path, model, state: TrainState, sidecar: dict) -> Path:
+        """Model weights only (a merge), under another root, with extra side-car entries."""
+        return save_checkpoint(root, model, None, None, state, megatron_args(self.cfg, state, self.padded_vocab_size),
+                               sidecar=sidecar)
+
+    def load_initial(self, model, optimizer, scheduler) -> tuple[TrainState, Path | None, list[str]]:
+        """(state, the checkpoint this job continues from or None, lines for the log) of a job's start.
+
+        The run's own checkpoints win over checkpoint.load (a restart resumes itself); an annealing
+        branch (schedule=anneal) loads weights, optimizer and data position without a scheduler,
+        whose state the branch's own schedule replaces.
+        """
+        c = self.cfg.checkpoint
+        own = self.root if self.iterations() else None
+        if self.cfg.schedule.name == "anneal":
+            resumed_from = layout.resolve_checkpoint(own or c.load)
+            return load_checkpoint(resumed_from, model, optimizer, None), resumed_from, []
+        resume_from = own if c.load is None else c.load
+        if resume_from is not None:
+            kept_optimizer = None if c.no_load_optim else optimizer
+            state = load_checkpoint(resume_from, model, kept_optimizer, scheduler)
+            if kept_optimizer is None:
+                optimizer.reload_model_params()
+            resumed_from = layout.resolve_checkpoint(resume_from)
+            notes = []
+            if c.init_from is not None:  # pma-train's CLI checked these checkpoints started from it
+                notes.append(f"checkpoint.init_from: this run started from {c.init_from}; a restart "
+                             f"resumes from its own checkpoint {resumed_from}")
+            return state, resumed_from, notes
+        state, notes = TrainState(), []
+        if c.init_from is not None:
+            load_checkpoint(c.init_from, model)
+            # Recorded in every checkpoint, so a restart knows its own checkpoints (pma_train/checkpoint/origin.py).
+            state.extra[INIT_FROM_KEY] = init_from_record(c.init_from)
+        elif c.init_merge.root is not None:
+            notes.append(self._init_from_merge(model))
+        # Mixed precision keeps fp32 main weights in the optimizer: refresh them from the model.
+        optimizer.reload_model_params()
+        return state, None, notes
+
+    def _init_from_merge(self, model) -> str:
+        """PMA-init: the average of a run's last n checkpoints, loaded shard by shard into this model."""
+        from pma_train.merge import merge_weights, select_spaced
+        from pma_train.merge.live import average_into_model
+
+        m = self.cfg.checkpoint.init_merge
+        chosen = select_spaced(m.root, m.n, m.v_tokens, m.v_iterations, m.end_iteration)
+        weights = merge_weights(m.method, len(chosen), m.alpha, decay_shape=m.decay_shape)
+        average_into_model(model, [c.path for c in chosen], weights)
+        return f"PMA-init: {m.method} of iterations {[c.iteration for c in chosen]} of {m.root}"
