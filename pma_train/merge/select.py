@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
-from pma_train.merge import ds
+from pma_train.merge.ds import layout as ds  # detection only: filesystem, no torch
 
 SIDE_CAR = layout.TRAIN_STATE_SIDECAR
 
