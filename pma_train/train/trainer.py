@@ -383,7 +383,8 @@ class Trainer:
     def save(self) -> Path:
         path = save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,
                                self.scheduler, self.state, megatron_args(self.cfg, self.state, self.tokenizer.vocab_size),
-                               check_space=self.cfg.checkpoint.check_free_space)
+                               check_space=self.cfg.checkpoint.check_free_space,
+                               optim_format=self.cfg.checkpoint.optimizer_format)
         self.last_saved_iteration = self.state.iteration
         if self.cfg.checkpoint.retention.enabled and self.rank0:
             self._prune()
