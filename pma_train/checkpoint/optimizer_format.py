@@ -16,10 +16,8 @@ also records the layout and buckets it was saved with, so a mismatch is named be
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
@@ -54,7 +52,8 @@ def _distributed(optimizer) -> list:
 
 
 def _layout(chunks) -> dict:
-    ps = parallel_state
+    from megatron.core import parallel_state as ps
+
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "ep": ps.get_expert_model_parallel_world_size(), "vpp": len(chunks),
             "dp": ps.get_data_parallel_world_size()}
@@ -69,6 +68,8 @@ def _buckets(optimizer) -> dict[str, list]:
 
 def record(optimizer, chunks, optimizer_format: str) -> dict:
     """Collective: the sidecar entry of a save (format, layout, every domain's buckets)."""
+    import torch.distributed as dist
+
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, _buckets(optimizer))
     buckets = {}
@@ -81,6 +82,8 @@ def record(optimizer, chunks, optimizer_format: str) -> dict:
 def check_loadable(ckpt_dir: Path, optimizer, chunks, saved: dict | None, args) -> str:
     """Collective: the checkpoint's optimizer format, or CheckpointError on every rank when this run
     cannot load it (before anything is read)."""
+    import torch.distributed as dist
+
     optimizer_format = detect(ckpt_dir)
     problem = None
     if optimizer_format == "dp_reshardable":
@@ -89,12 +92,33 @@ def check_loadable(ckpt_dir: Path, optimizer, chunks, saved: dict | None, args) 
     dist.all_gather_object(problems, problem)
     problem = next((p for p in problems if p is not None), None)
     if problem is not None:
-        raise CheckpointError(
-            f"{ckpt_dir}: its optimizer state is dp_reshardable (checkpoint.optimizer_format), keyed by the "
+        raise CheckpointError(_refusal(ckpt_dir, problem))
+    return optimizer_format
+
+
+def check_layout_before_start(ckpt_dir: Path, tp: int, pp: int, ep: int, vpp: int) -> None:
+    """Before any process starts: a dp_reshardable checkpoint whose sidecar names another layout is
+    refused (check_loadable repeats this, with the buckets, once the model exists)."""
+    sidecar = Path(ckpt_dir) / layout.TRAIN_STATE_SIDECAR
+    saved = json.loads(sidecar.read_text()).get(SIDECAR_KEY) if sidecar.is_file() else None
+    if saved is None or saved.get("format") != "dp_reshardable":
+        return
+    problem = _layout_differs(saved.get("layout", {}), {"tp": tp, "pp": pp, "ep": ep, "vpp": vpp})
+    if problem is not None:
+        raise CheckpointError(_refusal(ckpt_dir, problem))
+
+
+def _refusal(ckpt_dir: Path, problem: str) -> str:
+    return (f"{ckpt_dir}: its optimizer state is dp_reshardable (checkpoint.optimizer_format), keyed by the "
             f"distributed optimizer's buckets, and {problem}. Resume with the layout it was saved with, or "
             "load it with checkpoint.no_load_optim=true (weights only, fresh optimizer), or save it again at "
             "that layout with checkpoint.optimizer_format=fully_reshardable, which loads under any layout")
-    return optimizer_format
+
+
+def _layout_differs(before: dict, now: dict) -> str | None:
+    differ = [f"{k.upper()}={before[k]} (now {now[k]})" for k in ("tp", "pp", "ep", "vpp")
+              if before.get(k) is not None and before[k] != now[k]]
+    return "it was saved at " + ", ".join(differ) if differ else None
 
 
 def _mismatch(optimizer, chunks, saved: dict | None, args) -> str | None:
@@ -106,10 +130,9 @@ def _mismatch(optimizer, chunks, saved: dict | None, args) -> str | None:
                             "pp": getattr(args, "pipeline_model_parallel_size", None),
                             "ep": getattr(args, "expert_model_parallel_size", 1)}}
     before = saved.get("layout", {})
-    differ = [f"{k.upper()}={before[k]} (now {mine[k]})" for k in ("tp", "pp", "ep", "vpp")
-              if before.get(k) is not None and before[k] != mine[k]]
-    if differ:
-        return "it was saved at " + ", ".join(differ)
+    differ = _layout_differs(before, mine)
+    if differ is not None:
+        return differ
     buckets = saved.get("buckets")
     if buckets is not None:
         for domain, sizes in _buckets(optimizer).items():

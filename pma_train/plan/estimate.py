@@ -24,6 +24,21 @@ holds min((pp - rank - 1)*2 + (vpp - 1)*pp + 1, micro-batches*vpp) chunk-micro-b
 warm-up count + 1), valued at the mean of its chunks. Not counted: communication and temporary
 buffers, the CUDA context, allocator fragmentation.
 
+Host memory per rank (CPU RAM), beside the GPU figures; the job's checkpoint.optimizer_format and
+track.* decide it. P = the rank's parameters (its model-parallel shard), dp its data-parallel size:
+  training: the process (python, torch, megatron-core, data loader: HOST_BASE, measured on CPU; the
+            CUDA runtime's host memory not counted); on a CPU job also everything the GPU columns count
+  save:     + what megatron-core's writer stages in host memory before it writes: on a GPU job all
+            the rank writes (DP rank 0 writes the replicated weights, e P, and every rank its optimizer
+            shard, 12 P / dp: fp32 main params, Adam m, v); on a CPU job the tensors that are views
+            of a larger buffer, which it clones: the weights (e P) and, in fp32, the main params
+            (4 P / dp, views of the weights). fully_reshardable adds 12 P on every rank: the
+            optimizer state of the whole DP group, gathered to every rank's host memory.
+  resume:   dp_reshardable reads into the rank's own tensors (+0); fully_reshardable allocates the
+            whole DP group's optimizer state on every rank (+12 P).
+  tracker:  track.n fp32 snapshots of the rank's shard on every DP rank, and one more while merging:
+            (n + 1) x 4 P (today's tracker: not sharded over DP).
+
 FLOPs per token of a training step (forward + backward = 3 x forward), as Megatron-LM counts them
 (`num_floating_point_operations` in megatron/training/training.py, BSHD batches):
   6 * N_matmul + 6 * L_attn * s * h_q
@@ -83,6 +98,22 @@ def state_bytes(dense_params: int, expert_params: int, layout: Layout, precision
     else:
         optimizer = optim * params
     return {"weights": weight * params, "grads": grad * params, "optimizer": optimizer}
+
+
+HOST_BASE = 0.8 * 2**30  # peak RSS of a pma-train rank with the tiny model on CPU (checkpoint_memory.md)
+OPTIMIZER_BYTES = 12  # per parameter: fp32 main param (the weight itself in fp32) + Adam m + v
+
+
+def host_bytes(params: int, weight_bytes_per_param: int, dp: int, on_gpu: bool, device_state: float,
+               optimizer_format: str, tracker_n: int) -> dict[str, float]:
+    """Peak host memory of one rank (the DP rank 0, which writes the replicated weights) while training,
+    saving and resuming, and what track.* adds; device_state = the rank's GPU figure (weights, grads,
+    optimizer, activations), resident in host memory on a CPU job."""
+    training = HOST_BASE + (0 if on_gpu else device_state)
+    gathered = OPTIMIZER_BYTES * params if optimizer_format == "fully_reshardable" else 0
+    staged = weight_bytes_per_param * params + (OPTIMIZER_BYTES if on_gpu else 4) * params / dp
+    return {"training": training, "save": training + staged + gathered, "resume": training + gathered,
+            "tracker": (tracker_n + 1) * 4 * params if tracker_n else 0}
 
 
 def layer_bytes_per_token(symbol: str, s: Shape, layout: Layout, e: int) -> float:
