@@ -37,7 +37,7 @@ MODELS = {
     "504m": ["model=dense_411m", "model.num_layers=48"],
     "64m": ["model=dense_411m", "model.num_layers=6"],
     "127m": ["model=dense_411m", "model.num_layers=12"],
-    "tiny": ["model=tiny"],  # a smoke test of this script
+    "tiny": ["model=tiny"],  # a smoke test of this script (not in the results)
 }
 FORMATS = ("fully_reshardable", "dp_reshardable")
 GIB = 2**30
@@ -81,8 +81,11 @@ def _raw_write_s(directory: Path, nbytes: int) -> float:
 def run_phase(phase: str, overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
+    import psutil
+
     from pma_train.cli.common import CONF_DIR, register_configs
     from pma_train.config import to_job_config
+    from pma_train.rss import PeakRss
     from pma_train.train.trainer import Trainer
 
     register_configs()
@@ -95,10 +98,13 @@ def run_phase(phase: str, overrides: list[str]) -> dict:
     for _ in range(1 if phase == "resume" else 2):
         trainer.train_step()
     out["after_train"] = _peak()
+    out["rss_before"] = psutil.Process().memory_info().rss  # steady state, without the build's transients
     if phase == "save":
         start = time.perf_counter()
-        path = trainer.save()
+        with PeakRss() as rss:
+            path = trainer.save()
         out["save_s"] = time.perf_counter() - start
+        out["save_growth"] = rss.peak - rss.start  # what the save itself adds above the steady state
         out["after_save"] = _peak()
         if out["rank"] == 0:
             out["checkpoint_bytes"] = sum(p.stat().st_size for p in path.iterdir() if p.is_file())

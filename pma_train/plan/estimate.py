@@ -32,8 +32,9 @@ track.* decide it. P = the rank's parameters (its model-parallel shard), dp its 
             the rank writes (DP rank 0 writes the replicated weights, e P, and every rank its optimizer
             shard, 12 P / dp: fp32 main params, Adam m, v); on a CPU job the tensors that are views
             of a larger buffer, which it clones: the weights (e P) and, in fp32, the main params
-            (4 P / dp, views of the weights). fully_reshardable adds 12 P on every rank: the
-            optimizer state of the whole DP group, gathered to every rank's host memory.
+            (4 P / dp, views of the weights). fully_reshardable adds 12 P / dp + 12 P on every
+            rank: its optimizer shard copied to contiguous host buffers, and the whole DP group's
+            state gathered from them.
   resume:   dp_reshardable reads into the rank's own tensors (+0); fully_reshardable allocates the
             whole DP group's optimizer state on every rank (+12 P).
   tracker:  track.n fp32 snapshots of the rank's shard on every DP rank, and one more while merging:
@@ -111,8 +112,9 @@ def host_bytes(params: int, weight_bytes_per_param: int, dp: int, on_gpu: bool, 
     optimizer, activations), resident in host memory on a CPU job."""
     training = HOST_BASE + (0 if on_gpu else device_state)
     gathered = OPTIMIZER_BYTES * params if optimizer_format == "fully_reshardable" else 0
+    local = gathered / dp  # the rank's shard, copied to the contiguous buffers it gathers from
     staged = weight_bytes_per_param * params + (OPTIMIZER_BYTES if on_gpu else 4) * params / dp
-    return {"training": training, "save": training + staged + gathered, "resume": training + gathered,
+    return {"training": training, "save": training + staged + local + gathered, "resume": training + gathered,
             "tracker": (tracker_n + 1) * 4 * params if tracker_n else 0}
 
 
