@@ -54,7 +54,8 @@ def assert_merged(output_root, inputs, weights, scratch, atol=2e-6):
 def tp2pp2_run(tmp_path_factory):
     """Checkpoints at iterations 2, 4, 6 of a TP=2 x PP=2 run (4 gloo ranks)."""
     run_dir = tmp_path_factory.mktemp("tp2pp2") / "run"
-    train(run_dir, TRAIN + ["model=tiny4", "parallel.tp=2", "parallel.pp=2", "train.iters=6"], nproc=4)
+    # carry_optimizer and resuming the merge under other layouts need per-parameter optimizer state.
+    train(run_dir, TRAIN + ["model=tiny4", "parallel.tp=2", "parallel.pp=2", "train.iters=6", "checkpoint.optimizer_format=fully_reshardable"], nproc=4)
     return run_dir / "checkpoints"
 
 
@@ -99,7 +100,7 @@ def test_merged_checkpoint_evaluates_alike_under_other_layouts_and_resumes(tp2pp
 def test_inputs_with_different_layouts(tmp_path):
     """TP=2 checkpoints and TP=1 checkpoints of one run merge exactly, whichever is newest."""
     run_dir = tmp_path / "run"
-    train(run_dir, TRAIN + ["parallel.tp=2", "train.iters=6", "train.exit_after_iters=4"], nproc=2)
+    train(run_dir, TRAIN + ["parallel.tp=2", "train.iters=6", "train.exit_after_iters=4", "checkpoint.optimizer_format=fully_reshardable"], nproc=2)
     train(run_dir, TRAIN + ["train.iters=6"], nproc=1)
     ckpts = run_dir / "checkpoints"
     tp2, tp1 = ckpts / "iter_0000004", ckpts / "iter_0000006"

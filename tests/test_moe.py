@@ -33,12 +33,13 @@ def assert_same_router_metrics(a, b):
 
 @pytest.fixture(scope="module")
 def ep1(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("ep1") / "run", MOE, nproc=1)
+    # Resumed at EP=2 below: the optimizer state must be fully reshardable.
+    return train(tmp_path_factory.mktemp("ep1") / "run", MOE + ["checkpoint.optimizer_format=fully_reshardable"], nproc=1)
 
 
 @pytest.fixture(scope="module")
 def ep2(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("ep2") / "run", MOE + ["parallel.ep=2"], nproc=2)
+    return train(tmp_path_factory.mktemp("ep2") / "run", MOE + ["parallel.ep=2", "checkpoint.optimizer_format=fully_reshardable"], nproc=2)
 
 
 def test_ep2_matches_ep1(ep1, ep2):

@@ -30,14 +30,16 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, cache):
-    """One rank, fp32, dropout 0.1, checkpoints at 2, 4, 6."""
-    return train(tmp_path_factory.mktemp("single") / "run", COMMON, nproc=1, cache_dir=cache)
+    """One rank, fp32, dropout 0.1, checkpoints at 2, 4, 6 (per-parameter optimizer state: the merges
+    below carry it)."""
+    return train(tmp_path_factory.mktemp("single") / "run", COMMON + ["checkpoint.optimizer_format=fully_reshardable"], nproc=1, cache_dir=cache)
 
 
 @pytest.fixture(scope="module")
 def dp2_bf16(tmp_path_factory, cache):
     """Two data-parallel ranks (distributed optimizer), bf16 with fp32 main params, dropout 0.1."""
-    return train(tmp_path_factory.mktemp("dp2") / "run", COMMON + ["train.precision=bf16"], nproc=2, cache_dir=cache)
+    return train(tmp_path_factory.mktemp("dp2") / "run", COMMON + ["train.precision=bf16", "checkpoint.optimizer_format=fully_reshardable"], nproc=2,
+                 cache_dir=cache)
 
 
 def _resume(source, tmp_path, cache, nproc, extra=(), name="resumed"):

@@ -78,7 +78,8 @@ def test_resume_matches_uninterrupted(baseline, tmp_path, cache):
 def test_tp2_checkpoint_resumes_at_tp1(baseline, tmp_path, cache):
     """A TP=2 checkpoint (weights + optimizer) resumed at TP=1 continues the same trajectory."""
     run_dir = tmp_path / "run"
-    train(run_dir, COMMON + ["parallel.tp=2", "train.exit_after_iters=5"], nproc=2, cache_dir=cache)
+    # Resumed under another layout: the optimizer state must be fully reshardable.
+    train(run_dir, COMMON + ["parallel.tp=2", "train.exit_after_iters=5", "checkpoint.optimizer_format=fully_reshardable"], nproc=2, cache_dir=cache)
     resumed = train(run_dir, COMMON, nproc=1, cache_dir=cache)
     assert "start iteration 5" in resumed.output
     assert_same_losses(resumed.losses(), baseline.losses())
@@ -87,7 +88,8 @@ def test_tp2_checkpoint_resumes_at_tp1(baseline, tmp_path, cache):
 def test_tp2_pp2_checkpoint_evaluates_the_same_at_tp1_pp1(tmp_path, cache):
     """Weights and optimizer saved by a TP=2 x PP=2 run load at TP=1 x PP=1: same validation loss."""
     run_dir = tmp_path / "run"
-    saved = train(run_dir, COMMON + ["model=tiny4", "parallel.tp=2", "parallel.pp=2", "train.exit_after_iters=5"],
+    saved = train(run_dir, COMMON + ["model=tiny4", "parallel.tp=2", "parallel.pp=2", "train.exit_after_iters=5",
+                                     "checkpoint.optimizer_format=fully_reshardable"],
                   nproc=4, cache_dir=cache)
     val_at_save = saved.val_losses()[5]
     resumed = train(run_dir, COMMON + ["model=tiny4", "train.eval_at_start=true", "train.exit_after_iters=1"],

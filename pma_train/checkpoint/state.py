@@ -3,7 +3,8 @@
 Top-level keys follow Megatron-LM (`model` / `model0..`, `optimizer`, `opt_param_scheduler`,
 `rng_state`, `iteration`, `args`, `checkpoint_version`), so either trainer can read the other's
 checkpoints. Each rank reads and writes only its shards (megatron-core dist_checkpointing); loading
-under another TP / PP layout re-shards weights and the (fully reshardable) optimizer state.
+under another TP / PP layout re-shards weights; the optimizer state follows its format
+(optimizer_format.py: dp_reshardable by default, fully_reshardable on request).
 """
 
 from __future__ import annotations
@@ -22,16 +23,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import extra_state, integrity, layout, rng, space
+from pma_train.checkpoint import extra_state, integrity, layout, optimizer_format, rng, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
-# What Megatron-LM passes when it builds sharded state dicts (see MEGATRON_ON_CPU.md).
-SHARDED_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "singleton_local_shards": False,
-    "chained_optim_avoid_prefix": True,
-}
+# Model weights are per-parameter whatever the optimizer's format.
+SHARDED_METADATA = optimizer_format.sharded_metadata(optimizer_format.DEFAULT)
 SIDE_CAR = layout.TRAIN_STATE_SIDECAR
 
 
@@ -61,12 +58,13 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_state_dict(chunks, optimizer, scheduler, train_state: TrainState, args: Namespace | None,
-                     is_loading: bool, with_rng: bool = True) -> dict:
+                     is_loading: bool, with_rng: bool = True, optim_format: str = optimizer_format.DEFAULT) -> dict:
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         if is_loading or not _optimizer_has_state(optimizer):
             _init_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=dict(SHARDED_METADATA))
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
+                                                          metadata=optimizer_format.sharded_metadata(optim_format))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if with_rng:
@@ -127,11 +125,13 @@ def _integer_group_steps(optimizer) -> None:
 
 
 def _keep_state_the_loader_leaves_out() -> None:
-    """Let the fully reshardable format load into torch's Adam (no TE / apex).
+    """Let both optimizer formats load into torch's Adam (no TE / apex).
 
     megatron restores Adam's per-parameter `step` from the param groups, then copies the loaded
-    tensors into every tensor of the optimizer state, `step` included, which the loaded dict
-    lacks (KeyError 'step'). Missing keys keep the value already restored.
+    tensors into every tensor of the optimizer state, `step` included: the fully reshardable dict
+    lacks it (KeyError 'step'), and the dp_reshardable one holds this rank's step from before the load
+    (0 in a fresh optimizer), which would overwrite the restored one. `step` and missing keys keep the
+    value already restored.
     """
     from collections import defaultdict
 
@@ -142,7 +142,8 @@ def _keep_state_the_loader_leaves_out() -> None:
         return
 
     def set_states(self, model_param, tensors):
-        return plain(self, model_param, defaultdict(lambda: None, tensors))
+        kept = defaultdict(lambda: None, {k: v for k, v in tensors.items() if k != "step"})
+        return plain(self, model_param, kept)
 
     set_states._pma_tolerant = True
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
@@ -170,14 +171,18 @@ def _write_results_in_process() -> None:
 
 
 def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
-                    args: Namespace | None = None, sidecar: dict | None = None, check_space: bool = True) -> Path:
+                    args: Namespace | None = None, sidecar: dict | None = None, check_space: bool = True,
+                    optim_format: str = optimizer_format.DEFAULT) -> Path:
     """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete.
 
     With check_space, a save that cannot fit on root's file system stops before writing; a full
     disk met anyway removes the partial temporary and raises DiskFullError on every rank."""
     root = Path(root)
     rank = dist.get_rank()
-    state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False)
+    state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False,
+                             optim_format=optim_format)
+    if optimizer is not None:
+        sidecar = {**(sidecar or {}), optimizer_format.SIDECAR_KEY: optimizer_format.record(optimizer, chunks, optim_format)}
     sizes = [0] * dist.get_world_size()
     dist.all_gather_object(sizes, space.state_dict_bytes(state))
     verdict = [_start_save(root, sum(sizes), check_space) if rank == 0 else None]
@@ -248,6 +253,11 @@ def _abandon_save(err: BaseException, tmp: Path, root: Path, rank: int, need: in
     raise err
 
 
+def _sidecar(ckpt_dir: Path) -> dict:
+    path = Path(ckpt_dir) / SIDE_CAR
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_train_state(ckpt_dir: str | Path) -> TrainState:
     """The TrainState of a checkpoint (ours, or Megatron-LM's from its args)."""
     ckpt_dir = layout.resolve_checkpoint(ckpt_dir)
@@ -300,7 +310,12 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
                               "(weights only); its optimizer state is keyed for GPTModel")
     with_rng = same_layout_rng and _same_layout(common.get("args")) and _has_rng_state(ckpt)
     train_state = read_train_state(ckpt)
-    state = build_state_dict(chunks, optimizer, scheduler, train_state, None, is_loading=True, with_rng=with_rng)
+    optim_format = optimizer_format.DEFAULT
+    if optimizer is not None:
+        optim_format = optimizer_format.check_loadable(ckpt, optimizer, chunks, _sidecar(ckpt).get(optimizer_format.SIDECAR_KEY),
+                                                       common.get("args"))
+    state = build_state_dict(chunks, optimizer, scheduler, train_state, None, is_loading=True, with_rng=with_rng,
+                             optim_format=optim_format)
     for key in ("iteration", "checkpoint_version", "pma_train", "num_floating_point_operations_so_far"):
         state.pop(key)
     if scheduler is None:
@@ -318,7 +333,8 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     for i, chunk in enumerate(chunks):
         _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # dp_reshardable copies into fp32 main params that are the model's leaves
+            optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
         if not _torch_adam():
             _integer_group_steps(optimizer)

@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pma_train.checkpoint.layout import CheckpointError, check_loadable, is_gpt_checkpoint, list_iterations
+from pma_train.checkpoint.optimizer_format import check_layout_before_start
 from pma_train.checkpoint.origin import check_restart_of_init_run
 from pma_train.cli.quiet import quiet_third_party
 from pma_train.conf import CONF_DIR, register_configs
@@ -42,6 +43,9 @@ def check_checkpoints(job: JobConfig) -> None:
             raise CheckpointError(f"train.iters: {job.train.iters} must be beyond the fork's iteration {fork} "
                                   "for an annealing branch")
     resume = c.load or (c.dir if list_iterations(c.dir) else None)
+    if resume is not None and not c.no_load_optim:
+        p = job.parallel
+        check_layout_before_start(check_loadable(resume), p.tp, p.pp, p.ep, p.vpp or 1)
     if resume is not None and not c.no_load_optim and is_gpt_checkpoint(check_loadable(resume)):
         raise CheckpointError(f"checkpoint.load: {check_loadable(resume)} is a GPTModel checkpoint (Megatron-LM); "
                               "its optimizer state is keyed for GPTModel: start from its weights with "

@@ -40,6 +40,8 @@ def track_spacing_iters(cfg: JobConfig) -> int:
 
 
 METHODS = ("sma", "ema", "wma", "decay")
+# pma_train/checkpoint/optimizer_format.py says what each means.
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
 MERGE_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
@@ -208,6 +210,9 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
 
     if cfg.checkpoint.interval < 1:
         _fail("checkpoint.interval", f"must be >= 1, got {cfg.checkpoint.interval}")
+    if cfg.checkpoint.optimizer_format not in OPTIMIZER_FORMATS:
+        _fail("checkpoint.optimizer_format",
+              f"'{cfg.checkpoint.optimizer_format}' is not one of {', '.join(OPTIMIZER_FORMATS)}")
     for name in ("load", "init_from"):
         path = getattr(cfg.checkpoint, name)
         if path is not None and not Path(path).exists():

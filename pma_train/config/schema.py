@@ -149,6 +149,12 @@ class CheckpointConfig:
     dir: str = "${run.dir}/checkpoints"
     interval: int = 100
     save_optimizer: bool = True
+    # How the distributed optimizer's state is written. dp_reshardable: each rank writes and reads its
+    # own shard in place (no gather, no extra host copy; resumes under the same TP/PP/EP layout, DP may
+    # change while the optimizer's buckets stay the same). fully_reshardable: gathered into per-parameter
+    # tensors (resumes under any layout, pma-merge carry_optimizer needs it; O(model) host memory per
+    # rank at save and resume). Model weights are reshardable either way.
+    optimizer_format: str = "dp_reshardable"
     save_at_end: bool = True
     # Resume from this root (its latest) or an iter_* directory. Default: auto-resume from `dir`.
     load: Optional[str] = None

@@ -172,6 +172,10 @@ def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], d
     if request.carry_optimizer:
         if not indexes[-1].optimizer_keys():
             raise MergeError(f"carry_optimizer: {names[-1]} holds no optimizer state")
+        if any(".gbuf_idx_" in key for key in indexes[-1].optimizer_keys()):
+            # Bucket-keyed: its fp32 main parameters cannot be matched to the merged weights.
+            raise MergeError(f"carry_optimizer: {names[-1]} holds dp_reshardable optimizer state; carrying it "
+                             "needs checkpoints saved with checkpoint.optimizer_format=fully_reshardable")
         keys = keys + indexes[-1].optimizer_keys()
     out_dtype = {}
     for key in keys:

@@ -37,6 +37,8 @@ class PlanConfig:
     json: Optional[str] = None
     # Build every layer of every stage instead of one layer of each kind (same counts, slower).
     full_build: bool = False
+    # Where the job trains, for its host-memory figures: gpu | cpu (on CPU the training state is host memory).
+    device: str = "gpu"
 
 
 @dataclass
@@ -82,6 +84,8 @@ def check(job: JobConfig, plan: PlanConfig) -> int:
         if getattr(p, name) < 1:
             _fail(f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
     gpus = plan.gpus if plan.gpus is not None else p.tp * p.pp * p.ep
+    if plan.device not in ("gpu", "cpu"):
+        _fail("plan.device", f"'{plan.device}' is not one of gpu, cpu")
     if gpus < 1:
         _fail("plan.gpus", f"must be >= 1, got {gpus}")
     # Everything pma-train checks, except that the files the job reads exist on this host.
@@ -160,13 +164,19 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
                      * estimate.chunk_bytes_per_token(c.segment, c.first, c.last, shape, layout, e) for c in chunks]
         held = estimate.in_flight(pp_rank, layout)
         activations = held * sum(per_chunk) / len(per_chunk)
+        device_state = state["weights"] + state["grads"] + state["optimizer"] + activations
+        sharded = p.use_distributed_optimizer
+        host = estimate.host_bytes(dense + expert, e, dp if sharded else 1, plan.device == "gpu", device_state,
+                                   job.checkpoint.optimizer_format if sharded else "dp_reshardable",
+                                   job.track.n if job.track.enabled else 0, dp,
+                                   {"fp32": 4, "bf16": 2, "param": e}[job.track.dtype])
         ranks.append({
             "pp_rank": pp_rank, "segments": [c.segment for c in chunks],
             "params": dense + expert, "params_expert": expert,
             "weights_bytes": state["weights"], "grads_bytes": state["grads"], "optimizer_bytes": state["optimizer"],
             "activation_bytes": activations, "microbatches_in_flight": held,
             "activation_bytes_per_microbatch": per_chunk,
-            "total_bytes": state["weights"] + state["grads"] + state["optimizer"] + activations,
+            "total_bytes": device_state, "host_bytes": host,
         })
     peak = max(ranks, key=lambda r: r["total_bytes"])
 
@@ -203,7 +213,9 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
                   "per_token": flops, "per_step": flops["total"] * tokens_per_step,
                   "per_gpu_per_step": flops["total"] * tokens_per_step / gpus},
         "memory": {"precision": precision, "ranks": ranks, "peak_pp_rank": peak["pp_rank"],
-                   "peak_bytes": peak["total_bytes"], "estimate": True},
+                   "peak_bytes": peak["total_bytes"], "estimate": True, "host_device": plan.device,
+                   "optimizer_format": job.checkpoint.optimizer_format,
+                   "tracker_n": job.track.n if job.track.enabled else 0, "tracker_dtype": job.track.dtype},
         "build": {"full": counted.full_build, "seconds": round(build_seconds, 3),
                   "ranks_built": p.pp, "world_built": p.tp * p.pp * p.ep},
     }

@@ -24,6 +24,23 @@ holds min((pp - rank - 1)*2 + (vpp - 1)*pp + 1, micro-batches*vpp) chunk-micro-b
 warm-up count + 1), valued at the mean of its chunks. Not counted: communication and temporary
 buffers, the CUDA context, allocator fragmentation.
 
+Host memory per rank (CPU RAM), beside the GPU figures; the job's checkpoint.optimizer_format and
+track.* decide it. P = the rank's parameters (its model-parallel shard), dp its data-parallel size:
+  training: the process (python, torch, megatron-core, data loader: HOST_BASE, measured on CPU; the
+            CUDA runtime's host memory not counted); on a CPU job also everything the GPU columns count
+  save:     + what megatron-core's writer stages in host memory before it writes: on a GPU job all
+            the rank writes (DP rank 0 writes the replicated weights, e P, and every rank its optimizer
+            shard, 12 P / dp: fp32 main params, Adam m, v); on a CPU job the tensors that are views
+            of a larger buffer, which it clones: the weights (e P) and, in fp32, the main params
+            (4 P / dp, views of the weights). fully_reshardable adds 12 P / dp + 12 P on every
+            rank: its optimizer shard copied to contiguous host buffers, and the whole DP group's
+            state gathered from them.
+  resume:   dp_reshardable reads into the rank's own tensors (+0); fully_reshardable allocates the
+            whole DP group's optimizer state on every rank (+12 P).
+  tracker:  track.n snapshots of the rank's 1/dp share of its shard (b = 4 bytes for track.dtype=fp32,
+            2 for bf16, e for param), and while the merge is evaluated the live weights of that share
+            and one gather buffer: n b P / dp + e P / dp + 64 MiB (merge/track.py).
+
 FLOPs per token: pma_train/model/flops.py (one formula for pma-plan and the trainer).
 """
 
@@ -76,6 +93,32 @@ def state_bytes(dense_params: int, expert_params: int, layout: Layout, precision
     else:
         optimizer = optim * params
     return {"weights": weight * params, "grads": grad * params, "optimizer": optimizer}
+
+
+HOST_BASE = 0.8 * 2**30  # peak RSS of a pma-train rank with the tiny model on CPU (checkpoint_memory.md)
+OPTIMIZER_BYTES = 12  # per parameter: fp32 main param (the weight itself in fp32) + Adam m + v
+
+
+def host_bytes(params: int, weight_bytes_per_param: int, dp: int, on_gpu: bool, device_state: float,
+               optimizer_format: str, tracker_n: int, tracker_dp: int = 1, tracker_bytes: int = 4) -> dict[str, float]:
+    """Peak host memory of one rank (the DP rank 0, which writes the replicated weights) while training,
+    saving and resuming, and what track.* adds; device_state = the rank's GPU figure (weights, grads,
+    optimizer, activations), resident in host memory on a CPU job."""
+    training = HOST_BASE + (0 if on_gpu else device_state)
+    gathered = OPTIMIZER_BYTES * params if optimizer_format == "fully_reshardable" else 0
+    local = gathered / dp  # the rank's shard, copied to the contiguous buffers it gathers from
+    staged = weight_bytes_per_param * params + (OPTIMIZER_BYTES if on_gpu else 4) * params / dp
+    return {"training": training, "save": training + staged + local + gathered, "resume": training + gathered,
+            "tracker": tracker_host_bytes(params, weight_bytes_per_param, tracker_n, tracker_dp, tracker_bytes)}
+
+
+def tracker_host_bytes(params: int, weight_bytes_per_param: int, n: int, dp: int, snapshot_bytes: int) -> float:
+    """What track.* adds to a rank's host memory (the formula in the module docstring)."""
+    if not n:
+        return 0
+    from pma_train.merge.track import GATHER_BYTES
+
+    return (n * snapshot_bytes + weight_bytes_per_param) * params / dp + GATHER_BYTES
 
 
 def layer_bytes_per_token(symbol: str, s: Shape, layout: Layout, e: int) -> float:

@@ -90,11 +90,22 @@ def render(plan: dict[str, Any]) -> str:
         rows.append((str(r["pp_rank"]), segs, f"{r['params']:,}", gib(r["weights_bytes"]), gib(r["grads_bytes"]),
                      gib(r["optimizer_bytes"]), gib(r["activation_bytes"]), str(r["microbatches_in_flight"]),
                      gib(r["total_bytes"])))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    fmt = lambda row: "  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    add(fmt(header))
-    for row in rows:
-        add(fmt(row))
+    add(_table(header, rows, text_columns=2))
     add(f"  peak: stage {mem['peak_pp_rank']}, {gib(mem['peak_bytes'])} GiB per GPU "
         "(not counted: communication buffers, CUDA context, fragmentation)")
+    add("")
+    tracker = (f"; tracker: track.n={mem['tracker_n']} {mem['tracker_dtype']} snapshots, sharded over DP" if mem["tracker_n"]
+               else "")
+    add(f"  host memory per rank, GiB ({mem['host_device']} job, checkpoint.optimizer_format="
+        f"{mem['optimizer_format']}{tracker}; estimate.py says what each holds)")
+    host_rows = [(str(r["pp_rank"]), *(gib(r["host_bytes"][k]) for k in ("training", "save", "resume", "tracker")))
+                 for r in mem["ranks"]]
+    add(_table(("stage", "training", "with a save", "on resume", "+ tracker"), host_rows, text_columns=1))
     return "\n".join(lines)
+
+
+def _table(header: tuple, rows: list[tuple], text_columns: int) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    fmt = lambda row: "  " + "  ".join(c.ljust(w) if i < text_columns else c.rjust(w)  # noqa: E731
+                                       for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join(fmt(row) for row in (header, *rows))

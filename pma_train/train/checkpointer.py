@@ -31,7 +31,8 @@ class Checkpointer:
         """A checkpoint of the run at state.iteration (the optimizer unless checkpoint.save_optimizer=false)."""
         c = self.cfg.checkpoint
         path = save_checkpoint(self.root, model, optimizer if c.save_optimizer else None, scheduler, state,
-                               megatron_args(self.cfg, state, self.padded_vocab_size), check_space=c.check_free_space)
+                               megatron_args(self.cfg, state, self.padded_vocab_size), check_space=c.check_free_space,
+                               optim_format=c.optimizer_format)
         self.last_saved_iteration = state.iteration
         return path
 
