@@ -14,7 +14,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
-from pma_train.checkpoint import layout, rng
+from pma_train.checkpoint import async_save, layout, rng
 from pma_train.checkpoint.lock import acquire_on_rank0
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
 from pma_train.checkpoint.retention import prune
@@ -103,6 +103,8 @@ class Trainer:
         self._spike_steps_left: int | None = None
         self.stop_signals = StopSignals([])  # installed while train() runs
         self.last_saved_iteration: int | None = None
+        a = cfg.checkpoint.async_save
+        self.async_save = self.platform.is_cuda if a is None else a
         rng.restore(loaded_rng)
 
     # ------------------------------------------------------------------ setup helpers
@@ -202,6 +204,7 @@ class Trainer:
             step_start = time.perf_counter()
             self._maybe_inject_spike()
             result = self.train_step()
+            async_save.maybe_finalize()  # publishes a checkpoint written behind training, once all ranks wrote it
             window.add(result, time.perf_counter() - step_start)
             self.train_seconds += time.perf_counter() - step_start
             it = self.state.iteration
@@ -235,6 +238,7 @@ class Trainer:
                 last_eval = self.evaluate()
                 self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens,
                                   **self._evaluate_merge()}, kind="val")
+        async_save.wait()  # the last checkpoint is published before the job ends (preempted or not)
         elapsed = time.perf_counter() - start_time
         summary = {"iterations": self.state.iteration - start_iter, "final_iteration": self.state.iteration,
                    "val_loss": last_eval, "seconds": elapsed, "run_dir": str(self.run_dir),
@@ -308,6 +312,7 @@ class Trainer:
         from pma_train.merge.weights import sma
 
         sp = self.cfg.spike
+        async_save.wait()  # the checkpoint in flight may be one to recover from
         good = [i for i in layout.list_iterations(self.ckpt_root) if i <= iteration - sp.guard_iters][-sp.merge_last:]
         if not good:
             raise RuntimeError(f"loss spike at iteration {iteration} ({cause}) and no checkpoint saved at least "
@@ -384,10 +389,10 @@ class Trainer:
     def save(self) -> Path:
         path = save_checkpoint(self.ckpt_root, self.model, self.optimizer if self.cfg.checkpoint.save_optimizer else None,
                                self.scheduler, self.state, megatron_args(self.cfg, self.state, self.tokenizer.vocab_size),
-                               check_space=self.cfg.checkpoint.check_free_space)
+                               check_space=self.cfg.checkpoint.check_free_space, in_background=self.async_save)
         self.last_saved_iteration = self.state.iteration
         if self.cfg.checkpoint.retention.enabled and self.rank0:
-            self._prune()
+            async_save.after_current(self._prune)  # after the publish: retention counts published checkpoints
         return path
 
     def _prune(self) -> None:
