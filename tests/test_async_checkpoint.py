@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import async_save, layout
 from pma_train.config import ConfigError, JobConfig, validate
 from tests.launch import run_module, test_env, train
 
@@ -107,3 +107,14 @@ def test_async_save_must_be_a_boolean_or_null():
     cfg.checkpoint.async_save = "yes"
     with pytest.raises(ConfigError, match="checkpoint.async_save"):
         validate(cfg)
+
+
+def test_staging_copies_cpu_tensors():
+    """megatron's own staging (`tensor.to("cpu")`) returns CPU tensors themselves: the next optimizer
+    step would then change a checkpoint still being written. Ours copies."""
+    weights = torch.arange(6.0)
+    staged = async_save.stage([("file", "key", ([("item", b"bytes")], [("item", weights)]))])
+    copy = staged[0][2][1][0][1]
+    assert torch.equal(copy, torch.arange(6.0)) and staged[0][2][0] == [("item", b"bytes")]
+    weights.add_(1.0)  # what the next step does to a parameter, in place
+    assert torch.equal(copy, torch.arange(6.0))
