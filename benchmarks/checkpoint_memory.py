@@ -8,8 +8,8 @@ micro-batch of 1 per rank) in two launches:
 Peaks are each rank's kernel high-water mark (ru_maxrss). The save time is set beside the time to
 write and fsync the same number of bytes to the same directory (rank 0, one 64 MiB buffer reused).
 
-    flock /work/heavy.lock python benchmarks/checkpoint_memory.py                 # 252M, DP 1 and 2, both formats
-    flock /work/heavy.lock python benchmarks/checkpoint_memory.py --models 252m 504m --formats dp_reshardable
+    python benchmarks/checkpoint_memory.py                 # 252M, DP 1 and 2, both formats
+    python benchmarks/checkpoint_memory.py --models 252m 504m --formats dp_reshardable
 
 Writes results/checkpoint_memory.{json,md} (merged with the cases already there) and prints the table.
 """

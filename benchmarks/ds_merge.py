@@ -8,7 +8,7 @@ ranks (CPU, gloo, fp32, AdamW), merged (SMA) by
   one process: wall time and peak RSS (ru_maxrss).
 Both results are checked equal (fp32 accumulation, same order: within 1e-6).
 
-    flock /work/heavy.lock python benchmarks/ds_merge.py --count 10 --width 4096 --depth 6
+    python benchmarks/ds_merge.py --count 10 --width 4096 --depth 6
 writes benchmarks/results/ds_merge.{md,json} (with the machine's load while it ran).
 """
 

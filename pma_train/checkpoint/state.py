@@ -9,6 +9,7 @@ under another TP / PP layout re-shards weights; the optimizer state follows its 
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import shutil
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import extra_state, integrity, layout, optimizer_format, rng, space
+from pma_train.checkpoint import async_save, extra_state, integrity, layout, optimizer_format, rng, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 
 CHECKPOINT_VERSION = 3.0
@@ -172,11 +173,14 @@ def _write_results_in_process() -> None:
 
 def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
                     args: Namespace | None = None, sidecar: dict | None = None, check_space: bool = True,
-                    optim_format: str = optimizer_format.DEFAULT) -> Path:
+                    optim_format: str = optimizer_format.DEFAULT, in_background: bool = False) -> Path:
     """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete.
 
     With check_space, a save that cannot fit on root's file system stops before writing; a full
-    disk met anyway removes the partial temporary and raises DiskFullError on every rank."""
+    disk met anyway removes the partial temporary and raises DiskFullError on every rank.
+    in_background: return once the data is staged in host memory; the write goes on behind training
+    and a later async_save.maybe_finalize / wait publishes it (pma_train/checkpoint/async_save.py)."""
+    async_save.wait()  # megatron's writer reports through one process-wide queue: one save at a time
     root = Path(root)
     rank = dist.get_rank()
     state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False,
@@ -195,20 +199,34 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
         tmp.mkdir()
     dist.barrier()
     _write_results_in_process()
+    final = root / layout.iter_dir_name(train_state.iteration)
+    if in_background:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+        # What the sidecar records is taken now: training moves train_state on before the publish.
+        train_state, sidecar = copy.deepcopy(train_state), copy.deepcopy(sidecar)
+        async_save.start(request, lambda complete: _finish_save(complete, tmp, final, root, train_state, sidecar, need))
+        return final
+    _finish_save(lambda: dist_checkpointing.save(state, str(tmp), async_sharded_save=False),
+                 tmp, final, root, train_state, sidecar, need)
+    return final
+
+
+def _finish_save(write, tmp: Path, final: Path, root: Path, train_state: TrainState, sidecar: dict | None,
+                 need: int) -> None:
+    """On every rank: complete the write (write()), then rank 0 hashes, records and publishes."""
+    rank = dist.get_rank()
     try:
-        dist_checkpointing.save(state, str(tmp), async_sharded_save=False)
+        write()
         dist.barrier()  # rank 0 writes .metadata last: every rank reads it to hash its own files
         checksums = integrity.record_checksums(tmp, write=False)
     except (Exception, CheckpointException) as err:  # raised on every rank when any rank's write fails
         _abandon_save(err, tmp, root, rank, need)
-    final = root / layout.iter_dir_name(train_state.iteration)
     failure = [_publish_save(tmp, final, root, train_state, sidecar, need, checksums) if rank == 0 else None]
     # A broadcast, not a barrier: every rank learns of a failure on rank 0 instead of waiting forever.
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
         full, message = failure[0]
         raise space.DiskFullError(message) if full else CheckpointError(f"saving {final}: {message}")
-    return final
 
 
 def _publish_save(tmp: Path, final: Path, root: Path, train_state: TrainState, sidecar: dict | None, need: int,
@@ -297,6 +315,7 @@ def _retarget_to_gpt(model_state: dict, chunks) -> dict:
 def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
                     same_layout_rng: bool = True) -> TrainState:
     """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
+    async_save.wait()  # a save in flight may be the checkpoint asked for
     ckpt = layout.resolve_checkpoint(path)
     layout.verify_complete(ckpt)
     # Every recorded checksum of what this load reads is verified while it runs (this rank's share, in a

@@ -217,6 +217,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         path = getattr(cfg.checkpoint, name)
         if path is not None and not Path(path).exists():
             _fail(f"checkpoint.{name}", f"{path} does not exist")
+    if cfg.checkpoint.async_save not in (None, True, False):
+        _fail("checkpoint.async_save", f"must be true, false or null (on with CUDA), got {cfg.checkpoint.async_save!r}")
     if cfg.checkpoint.load is not None and cfg.checkpoint.init_from is not None:
         # init_from starts a new run from weights, load resumes one: together one would be ignored.
         _fail("checkpoint.init_from", "give checkpoint.load (resume: weights, optimizer, iteration) or "

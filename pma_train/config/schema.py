@@ -173,6 +173,10 @@ class CheckpointConfig:
     check_free_space: bool = True
     # Save before stopping on one of train.exit_signals (unless this iteration was just saved).
     save_on_signal: bool = True
+    # Write checkpoints behind training (megatron-core's async save): the save call returns once the
+    # tensors are copied to host memory; the checkpoint is published (and becomes `latest`) at a later
+    # step, once every rank has written it. null = on with CUDA, off on CPU.
+    async_save: Optional[bool] = None
 
 
 @dataclass

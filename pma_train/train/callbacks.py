@@ -4,6 +4,7 @@ retention, the tracked merge. Retention runs before the tracker's snapshot of th
 
 from __future__ import annotations
 
+from pma_train.checkpoint import async_save
 from pma_train.checkpoint.retention import prune
 from pma_train.config import JobConfig, track_spacing_iters
 from pma_train.train.hooks import Callback
@@ -23,11 +24,13 @@ class Retention(Callback):
         self.keep_last = max(r.keep_last, cfg.spike.merge_last + 1 if cfg.spike.enabled else 0)
 
     def after_save(self, trainer, path) -> None:
-        if not trainer.rank0:
-            return
+        if trainer.rank0:  # once the save is published: retention counts published checkpoints
+            async_save.after_current(lambda iteration=trainer.state.iteration: self._prune(trainer, iteration))
+
+    def _prune(self, trainer, iteration: int) -> None:
         deleted = prune(trainer.checkpointer.root, self.keep_last, self.grid_every, self.grid_last)
         if deleted:
-            trainer.log.log(trainer.state.iteration, {"deleted_iterations": deleted}, kind="retention")
+            trainer.log.log(iteration, {"deleted_iterations": deleted}, kind="retention")
 
 
 def build_callbacks(cfg: JobConfig, model) -> list[Callback]:

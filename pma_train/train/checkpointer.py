@@ -14,8 +14,9 @@ from pma_train.config import JobConfig
 
 
 class Checkpointer:
-    def __init__(self, cfg: JobConfig, lock: RootLock | None, padded_vocab_size: int):
+    def __init__(self, cfg: JobConfig, lock: RootLock | None, padded_vocab_size: int, in_background: bool = False):
         self.cfg = cfg
+        self.in_background = in_background  # checkpoint.async_save: written behind training, published later
         self.root = Path(cfg.checkpoint.dir)
         self.lock = lock  # held by global rank 0 from before the root was first touched
         self.padded_vocab_size = padded_vocab_size
@@ -32,7 +33,7 @@ class Checkpointer:
         c = self.cfg.checkpoint
         path = save_checkpoint(self.root, model, optimizer if c.save_optimizer else None, scheduler, state,
                                megatron_args(self.cfg, state, self.padded_vocab_size), check_space=c.check_free_space,
-                               optim_format=c.optimizer_format)
+                               optim_format=c.optimizer_format, in_background=self.in_background)
         self.last_saved_iteration = state.iteration
         return path
 

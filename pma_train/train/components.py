@@ -99,8 +99,9 @@ def _build_training(cfg: JobConfig, platform) -> Components:
     t = cfg.train
     anneal = cfg.schedule.name == "anneal"
     scheduler = None if anneal else build_scheduler(optimizer, cfg.schedule, t, t.global_batch_size * t.seq_length)
-    checkpointer = Checkpointer(cfg, lock, padded_vocab_size(tokenizer.vocab_size,
-                                                             cfg.model.make_vocab_size_divisible_by))
+    a = cfg.checkpoint.async_save  # None: asynchronous where the state lives on a GPU
+    checkpointer = Checkpointer(cfg, lock, padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by),
+                                in_background=platform.is_cuda if a is None else a)
     state, resumed_from, notes = checkpointer.load_initial(model, optimizer, scheduler)
     if anneal:  # the branch's schedule starts where it forked, which the loaded state says
         start = state.extra.setdefault("anneal_start_iteration", state.iteration)

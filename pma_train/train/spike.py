@@ -13,7 +13,7 @@ from collections import deque
 
 import torch.distributed as dist
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import async_save, layout
 from pma_train.checkpoint.state import load_checkpoint
 from pma_train.config import SpikeConfig
 from pma_train.train.hooks import Callback
@@ -76,6 +76,7 @@ class SpikeRecovery(Callback):
         from pma_train.merge.weights import sma
 
         sp, checkpoints = self.cfg, trainer.checkpointer
+        async_save.wait()  # the checkpoint in flight may be one to recover from
         good = [i for i in checkpoints.iterations() if i <= iteration - sp.guard_iters][-sp.merge_last:]
         if not good:
             raise RuntimeError(f"loss spike at iteration {iteration} ({cause}) and no checkpoint saved at least "

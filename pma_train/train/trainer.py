@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from pma_train.checkpoint import rng
+from pma_train.checkpoint import async_save, rng
 from pma_train.checkpoint.state import TrainState
 from pma_train.config import JobConfig
 from pma_train.model.flops import model_flops_per_token
@@ -83,6 +83,7 @@ class Trainer:
             step_start = time.perf_counter()
             self._call("before_step")
             result = self.train_step()
+            async_save.maybe_finalize()  # publishes a checkpoint written behind training, once all ranks wrote it
             window.add(result, time.perf_counter() - step_start)
             self.train_seconds += time.perf_counter() - step_start
             if any(self._call("after_step", result)):  # a spike recovery undid it
@@ -103,6 +104,7 @@ class Trainer:
                 extra = {k: v for figures in self._call("after_eval") for k, v in figures.items()}
                 self.log.log(it, {"loss": last_eval, "consumed_tokens": self.state.consumed_tokens, **extra},
                              kind="val")
+        async_save.wait()  # the last checkpoint is published before the job ends (preempted or not)
         elapsed = time.perf_counter() - start_time
         summary = {"iterations": self.state.iteration - start_iter, "final_iteration": self.state.iteration,
                    "val_loss": last_eval, "seconds": elapsed, "run_dir": str(self.run_dir),
