@@ -10,8 +10,8 @@
 # --dry runs everything that has a CPU meaning on the CPU with tiny sizes (two lanes in parallel),
 # so the script cannot rot: the GPU-only sections (tiny_moe, cross-device resume, multi-GPU,
 # the dense_411m performance table) are SKIPped and listed at the end. tests/test_gpu_acceptance.py
-# runs it. A full GPU run takes about 8 minutes on one H100/H200 (PMA_ACCEPT_PERF=0 leaves out
-# the performance table, the longest part).
+# runs it. A full GPU run should take about 8 minutes on one H100/H200 (per-step times are at the end of
+# the log; PMA_ACCEPT_PERF=0 leaves out the performance table, the longest part: 4 runs of dense_411m).
 #
 # On a host without the Python packages, the offline kit is installed first (wheels in .gpukit/:
 # megatron-core, hydra-core, omegaconf, antlr4 runtime). PYTHON picks the interpreter (python3).
@@ -223,9 +223,12 @@ train.micro_batch_size=1 train.global_batch_size=8 train.iters=10 train.log_inte
 checkpoint.interval=1000 checkpoint.save_at_end=false $extra"
         local status=$?
         kill $smi 2>/dev/null; wait $smi 2>/dev/null
-        local m="$CHECK metric $run train"
-        echo "| $label | $($m tokens_per_s) | $($m tflops_per_rank) | $($m mfu) | $(sort -n "$WORK/mem-$i.csv" | tail -1) | $(verdict $status) |" >>"$WORK/perf.md"
-        [ "$status" = 0 ] || row 09 "dense_411m-shaped: $label" FAIL "see logs/dense_411m-$i.log"
+        local m="$CHECK metric $run train" result
+        result=$(verdict $status)
+        # Running out of memory is a figure of this table (unfused attention at seq 4096), not a failure.
+        [ "$status" != 0 ] && grep -qi "out of memory" "$OUT/logs/dense_411m-$i.log" && result="out of memory"
+        echo "| $label | $($m tokens_per_s) | $($m tflops_per_rank) | $($m mfu) | $(sort -n "$WORK/mem-$i.csv" | tail -1) | $result |" >>"$WORK/perf.md"
+        [ "$result" != FAIL ] || row 09 "dense_411m-shaped: $label" FAIL "see logs/dense_411m-$i.log"
         i=$((i + 1))
     done
     row 09 "dense_411m-shaped performance table" PASS "${#PERF_TOGGLES[@]} runs of 10 steps (tokens/s etc. of steps 6-10), below"
