@@ -1,128 +1,269 @@
 #!/usr/bin/env bash
 # GPU acceptance: run on the first GPU machine available, from the repo root.
 #
-#   bash benchmarks/gpu_acceptance.sh [OUT_DIR]
+#   bash benchmarks/gpu_acceptance.sh [--dry] [OUT_DIR]        (or PMA_ACCEPT_DRY=1)
 #
-# Each check prints PASS / FAIL / SKIP (with the reason) into OUT_DIR/gpu_acceptance.md; the logs of
-# every step go to OUT_DIR/gpu_acceptance.log. Checks that need Transformer Engine report SKIP when
-# megatron-core cannot use TE. On a host without the Python packages, the offline kit is installed
-# first (wheels in .gpukit/: megatron-core, hydra-core, omegaconf, antlr4 runtime).
+# Each check prints PASS / FAIL / SKIP (with the reason) into OUT_DIR/gpu_acceptance.md, a markdown
+# table to paste; every step's log is in OUT_DIR/logs/, all of them in OUT_DIR/gpu_acceptance.log.
+# The exit status is 1 when a check FAILs.
+#
+# --dry runs everything that has a CPU meaning on the CPU with tiny sizes (two lanes in parallel),
+# so the script cannot rot: the GPU-only sections (tiny_moe, cross-device resume, multi-GPU,
+# the dense_411m performance table) are SKIPped and listed at the end. tests/test_gpu_acceptance.py
+# runs it. A full GPU run should take about 8 minutes on one H100/H200 (per-step times are at the end of
+# the log; PMA_ACCEPT_PERF=0 leaves out the performance table, the longest part: 4 runs of dense_411m).
+#
+# On a host without the Python packages, the offline kit is installed first (wheels in .gpukit/:
+# megatron-core, hydra-core, omegaconf, antlr4 runtime). PYTHON picks the interpreter (python3).
 set -u
-OUT=${1:-${OUT:-gpu-acceptance}}
-mkdir -p "$OUT"
+DRY=${PMA_ACCEPT_DRY:-0}
+[ "$DRY" = 1 ] || DRY=0
+POSITIONAL=()
+for arg in "$@"; do
+    case $arg in --dry) DRY=1 ;; *) POSITIONAL+=("$arg") ;; esac
+done
+OUT=${POSITIONAL[0]:-${OUT:-gpu-acceptance}}
+mkdir -p "$OUT/logs"
 TABLE=$OUT/gpu_acceptance.md
 LOG=$OUT/gpu_acceptance.log
 WORK=$(mktemp -d /tmp/pma-gpu-XXXX)
-: >"$LOG"
+ROWS=$WORK/rows
+mkdir -p "$ROWS"
+STARTED=$(date +%s)
 if [ -d .gpukit ] && ls .gpukit/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .gpukit/*.whl >>"$LOG" 2>&1
+    ${PYTHON:-python3} -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .gpukit/*.whl >"$OUT/logs/gpukit.log" 2>&1
     export PYTHONPATH=$PWD:$WORK/site
 else
     export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled PYTHONWARNINGS=ignore
-PY=python3
+PY=${PYTHON:-python3}
+CHECK="$PY benchmarks/gpu_acceptance_checks.py"
 TRAIN="$PY -m pma_train.cli.train logging.progress_bar=false logging.wandb.mode=disabled"
-echo "| check | result | figures / reason |" >"$TABLE"
-echo "|---|---|---|" >>"$TABLE"
+TORCHRUN="$PY -m torch.distributed.run --nproc-per-node=2 --master-port=29517"
+TO_CPU="CUDA_VISIBLE_DEVICES="  # prefix of the commands that must run on the CPU
 
-row() { echo "| $1 | $2 | $3 |" >>"$TABLE"; echo "== $1: $2 $3" | tee -a "$LOG"; }
-step() {  # step NAME SECONDS CMD...: run with a time limit, log everything; returns the command's status
-    local name=$1 limit=$2; shift 2
-    echo "---- $name: $*" >>"$LOG"
-    timeout "$limit" bash -c "$*" >"$WORK/$name.log" 2>&1
+if [ "$DRY" = 1 ]; then
+    export CUDA_VISIBLE_DEVICES=  # everything on the CPU, even on a GPU host
+    NGPU=0
+    DEVICE=cpu/gloo
+    # Tiny sizes: a few steps of a 32-token context, checkpoints every 2 steps.
+    SMALL="train.global_batch_size=4 train.micro_batch_size=2 train.seq_length=32 train.eval_iters=1 schedule.warmup_iters=2"
+    TINY="$SMALL train.iters=8 checkpoint.interval=2 train.eval_interval=4 train.log_interval=1"
+    EVERY=2; FORK=6; LAST=8; INIT_ITERS=2; STOP=4
+    COMMON="$TINY"  # the stop + resume runs repeat the tiny run
+    SPIKE="$SMALL train.iters=14 checkpoint.interval=2 train.eval_interval=14 train.log_interval=1 \
+spike.window=8 spike.min_history=4 spike.inject_at=10 spike.inject_iters=2 spike.guard_iters=2"
+else
+    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    DEVICE=cuda/nccl
+    SMALL=""
+    TINY="train.iters=40 checkpoint.interval=10 train.eval_interval=20 train.log_interval=10"
+    EVERY=10; FORK=30; LAST=40; INIT_ITERS=10; STOP=6
+    # fp32: the same optimizer on both sides of the cross-device resumes.
+    COMMON="train.precision=fp32 train.iters=12 checkpoint.interval=6 train.eval_interval=100 train.eval_iters=1 train.log_interval=1 seed=7"
+    SPIKE="train.iters=40 train.global_batch_size=8 train.micro_batch_size=4 train.seq_length=64 checkpoint.interval=5 \
+train.eval_interval=40 train.eval_iters=2 train.log_interval=1 spike.inject_at=30 spike.inject_iters=3 spike.guard_iters=6"
+fi
+
+row() {  # row SECTION CHECK RESULT FIGURES: one table row, kept in section order
+    echo "| $2 | $3 | $4 |" >>"$ROWS/$1.md"
+    echo "== $2: $3 $4"
+}
+step() {  # step NAME SECONDS CMD...: run with a time limit into logs/NAME.log; returns the command's status
+    local name=$1 limit=$2 t0=$SECONDS; shift 2
+    echo "\$ $*" >"$OUT/logs/$name.log"
+    timeout "$limit" bash -c "$*" >>"$OUT/logs/$name.log" 2>&1
     local status=$?
-    cat "$WORK/$name.log" >>"$LOG"
+    echo "$name: $((SECONDS - t0)) s, exit $status" >>"$WORK/times"
     return $status
 }
-metric() {  # metric RUN_DIR KIND KEY: the last value of KEY in records of KIND
-    $PY - "$1" "$2" "$3" <<'EOF'
-import json, sys
-from pathlib import Path
-rows = [json.loads(l) for l in (Path(sys.argv[1]) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-vals = [r[sys.argv[3]] for r in rows if r.get("kind") == sys.argv[2] and sys.argv[3] in r]
-print(vals[-1] if vals else "none")
-EOF
-}
-losses() {  # losses RUN_DIR: the train-loss history, one "step loss" per line
-    $PY - "$1" <<'EOF'
-import sys
-from pma_train.metrics import read_metrics
-for r in read_metrics(sys.argv[1] + "/metrics.jsonl", "train"):
-    print(r["step"], repr(r["loss"]))
-EOF
-}
+verdict() { [ "$1" = 0 ] && echo PASS || echo FAIL; }  # verdict STATUS
+skip() { row "$1" "$2" SKIP "$3"; echo "- $2: $3" >>"$WORK/skipped"; }  # skip SECTION CHECK REASON
+gpu_only() { skip "$1" "$2" "dry mode: needs a GPU${3:+ ($3)}"; }
 
 # 1. environment
-step env 120 "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY - <<'EOF'
-import torch
-print('torch', torch.__version__, 'cuda build', torch.version.cuda, 'available', torch.cuda.is_available())
-print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-try:
-    import transformer_engine  # noqa: F401
-    print('transformer_engine import: ok')
-except Exception as err:
-    print('transformer_engine import:', type(err).__name__)
-from megatron.core.extensions.transformer_engine import HAVE_TE
-from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
-import megatron.core
-print('megatron-core', megatron.core.__version__, 'HAVE_TE', HAVE_TE, 'torch optimizer', USING_PYTORCH_OPTIMIZER)
-EOF"
-HAVE_TE=$($PY -c "from megatron.core.extensions.transformer_engine import HAVE_TE; print(HAVE_TE)" 2>/dev/null)
-row environment "$(grep -q 'available True' "$WORK/env.log" && echo PASS || echo FAIL)" "$(grep -E '^(device|torch |megatron-core)' "$WORK/env.log" | tr '\n' ';')"
+s_env() {
+    if [ "$DRY" = 1 ]; then step env 180 "$CHECK env"; else step env 180 "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $CHECK env"; fi
+    local status=$? log=$OUT/logs/env.log
+    [ "$DRY" = 1 ] || grep -q 'available True' "$log" || status=1
+    row 01 environment "$(verdict $status)" "$(grep -E '^(device|torch |megatron-core|transformer_engine)' "$log" | tr '\n' ';')"
+    grep -q "HAVE_TE True" "$log" && echo True >"$WORK/have_te" || true
+}
 
-# 2. tiny and tiny_moe on one GPU (bf16 by default there): banner, loss finite and falling
-for model in tiny tiny_moe; do
-    run=$WORK/$model
-    if step "$model" 240 "$TRAIN model=$model run.dir=$run train.iters=40 checkpoint.interval=10 train.eval_interval=20 train.log_interval=10"; then
-        banner=$(grep -m1 "^pma-train:" "$WORK/$model.log" | grep -o "cuda/nccl" || true)
-        first=$($PY -c "import json;r=[json.loads(l) for l in open('$run/metrics.jsonl') if '\"train\"' in l];print(r[0]['loss'], r[-1]['loss'])")
-        row "$model on GPU" "$([ -n "$banner" ] && echo PASS || echo FAIL)" "cuda/nccl: ${banner:-no}; loss first/last $first; tokens/s $(metric $run train tokens_per_s)"
-    else
-        row "$model on GPU" FAIL "see log"
+# 2. tiny (and tiny_moe) on one device: banner, loss finite and falling
+s_tiny() {
+    local models="tiny tiny_moe"
+    [ "$DRY" = 1 ] && models=tiny
+    for model in $models; do
+        local run=$WORK/$model figures
+        step "$model" 300 "$TRAIN model=$model run.dir=$run $TINY"
+        local status=$?
+        figures=$($CHECK falling "$run") || status=1
+        grep -m1 "^pma-train:" "$OUT/logs/$model.log" | grep -q "$DEVICE" || status=1
+        row 02 "$model on $DEVICE" "$(verdict $status)" "$figures; tokens/s $($CHECK metric "$run" train tokens_per_s)"
+    done
+    [ "$DRY" = 1 ] && gpu_only 02 "tiny_moe on cuda/nccl" "MoE on the CPU: tests/test_moe.py"
+    if [ "$DRY" = 1 ]; then gpu_only 02 "TE spec in use" "Transformer Engine runs on GPUs only"
+    elif [ -f "$WORK/have_te" ]; then row 02 "TE spec in use" "see log" "HAVE_TE True"
+    else skip 02 "TE spec, TE optimizer resume" "no Transformer Engine"; fi
+}
+
+# 3. initial weights: the GPU build equals the CPU build (parameters cast to the GPU's dtype)
+s_init() {
+    step init-cpu 300 "$TO_CPU $PY -m tests.dist_checks $WORK/init-cpu 1 1 0 tiny"
+    if [ "$DRY" = 1 ]; then
+        local figures
+        figures=$(step init-compare 300 "$CHECK same-weights $WORK/init-cpu $WORK/init-cpu" && tail -1 "$OUT/logs/init-compare.log")
+        skip 03 "initial weights: GPU build = CPU build" "dry mode: no GPU; the CPU build compared with itself to exercise the dump and comparison (${figures:-FAILED, see logs/init-compare.log}); CPU layouts agree in tests/test_init.py"
+        [ -n "$figures" ] || row 03 "initial-weights comparison (plumbing)" FAIL "see logs/init-compare.log"
+        return
     fi
-done
-if [ "$HAVE_TE" = "True" ]; then row "TE spec in use" "see log" "HAVE_TE True"; else row "TE spec, TE optimizer resume" SKIP "no Transformer Engine"; fi
+    step init-gpu 300 "$PY -m tests.dist_checks $WORK/init-gpu 1 1 0 tiny"
+    step init-compare 300 "$CHECK same-weights $WORK/init-cpu $WORK/init-gpu"
+    row 03 "initial weights: GPU build = CPU build" "$(verdict $?)" "$(tail -1 "$OUT/logs/init-compare.log")"
+    if [ "$NGPU" -ge 2 ]; then
+        step init-gpu-tp2 300 "$TORCHRUN -m tests.dist_checks $WORK/init-gpu-tp2 2 1 0 tiny"
+        step init-compare-tp2 300 "$CHECK same-weights $WORK/init-cpu $WORK/init-gpu-tp2"
+        row 03 "initial weights: GPU TP=2 build = CPU build" "$(verdict $?)" "$(tail -1 "$OUT/logs/init-compare-tp2.log")"
+    fi
+}
 
-# 3. checkpoints across devices (fp32: the same optimizer on both sides), with the optimizer
-g=$WORK/gpu-ckpt; c=$WORK/cpu-ckpt
-common="model=tiny train.precision=fp32 train.iters=12 checkpoint.interval=10 train.eval_interval=100 train.eval_iters=1 train.log_interval=1 seed=7"
-step gpu-write 180 "$TRAIN $common run.dir=$g train.iters=10"
-step cpu-resume 240 "CUDA_VISIBLE_DEVICES= $TRAIN $common run.dir=$WORK/g2c checkpoint.dir=$g/checkpoints parallel.backend=gloo"
-row "GPU checkpoint resumes on CPU" "$([ "$(metric $WORK/g2c train loss)" != none ] && echo PASS || echo FAIL)" "loss at 12: $(metric $WORK/g2c train loss)"
-step cpu-write 240 "CUDA_VISIBLE_DEVICES= $TRAIN $common run.dir=$c train.iters=10 parallel.backend=gloo"
-step gpu-resume 180 "$TRAIN $common run.dir=$WORK/c2g checkpoint.dir=$c/checkpoints"
-row "CPU checkpoint resumes on GPU" "$([ "$(metric $WORK/c2g train loss)" != none ] && echo PASS || echo FAIL)" "loss at 12: $(metric $WORK/c2g train loss)"
+# 4. checkpoints across devices, with the optimizer
+s_xdev() {
+    if [ "$DRY" = 1 ]; then
+        gpu_only 04 "GPU checkpoint resumes on CPU"; gpu_only 04 "CPU checkpoint resumes on GPU"; return
+    fi
+    local g=$WORK/gpu-ckpt c=$WORK/cpu-ckpt
+    step gpu-write 180 "$TRAIN model=tiny $COMMON run.dir=$g train.iters=10 checkpoint.interval=10"
+    step cpu-resume 240 "$TO_CPU $TRAIN model=tiny $COMMON run.dir=$WORK/g2c checkpoint.dir=$g/checkpoints parallel.backend=gloo"
+    row 04 "GPU checkpoint resumes on CPU" "$([ "$($CHECK metric $WORK/g2c train loss)" != none ] && echo PASS || echo FAIL)" "loss at 12: $($CHECK metric $WORK/g2c train loss)"
+    step cpu-write 240 "$TO_CPU $TRAIN model=tiny $COMMON run.dir=$c train.iters=10 checkpoint.interval=10 parallel.backend=gloo"
+    step gpu-resume 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/c2g checkpoint.dir=$c/checkpoints"
+    row 04 "CPU checkpoint resumes on GPU" "$([ "$($CHECK metric $WORK/c2g train loss)" != none ] && echo PASS || echo FAIL)" "loss at 12: $($CHECK metric $WORK/c2g train loss)"
+}
 
-# 4. a run stopped at 6 and restarted equals the uninterrupted one (bit for bit, or the largest difference)
-step uninterrupted 180 "$TRAIN $common run.dir=$WORK/u"
-step stop-at-6 180 "$TRAIN $common run.dir=$WORK/r checkpoint.interval=6 train.exit_after_iters=6"
-step resume 180 "$TRAIN $common run.dir=$WORK/r checkpoint.interval=6"
-diff=$($PY - "$WORK/u" "$WORK/r" <<'EOF'
-import sys
-from pma_train.metrics import read_metrics
-a = {r["step"]: r["loss"] for r in read_metrics(sys.argv[1] + "/metrics.jsonl", "train")}
-b = {r["step"]: r["loss"] for r in read_metrics(sys.argv[2] + "/metrics.jsonl", "train")}
-print(max(abs(a[k] - b[k]) for k in a) if a and sorted(a) == sorted(b) else "steps differ")
-EOF
+# 5. a run stopped and restarted equals the uninterrupted one, bit for bit (dry: the tiny run is the reference)
+s_resume_runs() {
+    [ "$DRY" = 1 ] || step uninterrupted 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/u"
+    step stop-at-$STOP 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/r train.exit_after_iters=$STOP"
+    step resume 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/r"
+}
+s_resume_compare() {
+    local reference=$WORK/u figures
+    [ "$DRY" = 1 ] && reference=$WORK/tiny
+    figures=$($CHECK same-losses "$reference" "$WORK/r")
+    row 05 "stop at $STOP + resume = uninterrupted" "$(verdict $?)" "$figures"
+}
+
+# 6. PMA on the tiny run's checkpoints: pma-merge, PMA-init from the merge, an annealing branch
+s_pma() {
+    local fork
+    fork=$(printf "iter_%07d" "$FORK")
+    step merge 180 "$PY -m pma_train.cli.merge root=$WORK/tiny/checkpoints n=3 v_iterations=$EVERY method=sma output=$WORK/merged progress_bar=false"
+    row 06 "pma-merge of $DEVICE checkpoints" "$([ -f $WORK/merged/latest_checkpointed_iteration.txt ] && echo PASS || echo FAIL)" "$(tail -1 "$OUT/logs/merge.log")"
+    step pma-init 180 "$TRAIN model=tiny run.dir=$WORK/init checkpoint.init_from=$WORK/merged $SMALL train.iters=$INIT_ITERS train.eval_at_start=true train.eval_interval=$INIT_ITERS"
+    row 06 "PMA-init from the merge" "$([ "$($CHECK count $WORK/init val)" -ge 2 ] && echo PASS || echo FAIL)" "val loss after $INIT_ITERS steps $($CHECK metric $WORK/init val loss)"
+    step anneal 180 "$TRAIN model=tiny run.dir=$WORK/anneal schedule=anneal checkpoint.load=$WORK/tiny/checkpoints/$fork checkpoint.dir=$WORK/anneal/ckpt $SMALL train.iters=$LAST train.eval_interval=$EVERY train.log_interval=1"
+    row 06 "annealing branch from $FORK to $LAST" "$([ "$($CHECK metric $WORK/anneal val loss)" != none ] && echo PASS || echo FAIL)" "val loss $($CHECK metric $WORK/anneal val loss)"
+}
+
+# 7. spike recovery: an injected spike is detected and the merge of the last good checkpoints restored
+s_spike() {
+    step spike 300 "$TRAIN model=tiny run.dir=$WORK/spike spike.enabled=true $SPIKE"
+    local status=$? events figures
+    events=$($CHECK count "$WORK/spike" recovery)
+    figures=$($CHECK falling "$WORK/spike")
+    [ "$events" -ge 1 ] && [ "$($CHECK metric "$WORK/spike" recovery restored_iteration)" != none ] || status=1
+    row 07 "spike recovery" "$(verdict $status)" "$events recovery event(s), restored iteration $($CHECK metric "$WORK/spike" recovery restored_iteration); $figures"
+}
+
+# 8. reduced multi-GPU runs: TP=2 and DP=2, short, loss finite and falling
+s_multi() {
+    if [ "$DRY" = 1 ]; then gpu_only 08 "TP=2 / DP=2 on two GPUs"; return; fi
+    if [ "$NGPU" -lt 2 ]; then skip 08 "TP=2 / DP=2 on two GPUs" "$NGPU GPU on this host"; return; fi
+    for layout in "tp2 parallel.tp=2" "dp2 parallel.tp=1"; do
+        local name=${layout%% *} figures
+        step "$name" 300 "$TORCHRUN -m pma_train.cli.train logging.progress_bar=false run.dir=$WORK/$name model=tiny ${layout#* } train.iters=20 train.log_interval=5 train.eval_interval=20 checkpoint.interval=20"
+        local status=$?
+        figures=$($CHECK falling "$WORK/$name") || status=1
+        row 08 "$name on 2 GPUs" "$(verdict $status)" "$(grep -m1 -o 'world 2 = [^|]*' "$OUT/logs/$name.log"); $figures"
+    done
+}
+
+# 9. throughput of a dense_411m-shaped run (byte vocabulary), seq 4096, with each performance setting toggled
+PERF_TOGGLES=(
+    "default (bf16, mbs 1, num_workers 0)|"
+    "train.precision=fp32|train.precision=fp32"
+    "train.micro_batch_size=2|train.micro_batch_size=2"
+    "data.num_workers=2|data.num_workers=2"
 )
-row "stop + resume = uninterrupted" "$([ "$diff" = "0.0" ] && echo PASS || echo "FAIL")" "max train-loss difference $diff"
+# megatron-core / Transformer Engine settings pma-train has no key for yet (issue 16 item 1-2).
+PERF_MISSING="Transformer Engine spec (used whenever TE is importable; no key); bias-activation, bias-dropout, \
+masked-softmax, RoPE, gradient-accumulation and TE cross-entropy fusions (hard-wired off in pma_train/model/build.py); \
+DDP overlap_grad_reduce / overlap_param_gather and bucket sizes; pinned-memory background prefetch; \
+MoE grouped GEMM / permute fusion under the TE spec; activation recomputation; CUDA graphs; FP8; \
+tensor-parallel communication overlap; parallel.use_distributed_optimizer (exists, no effect at DP=1: not measured)"
+s_perf() {
+    echo "| setting | tokens/s | TFLOP/s per GPU | MFU | peak GPU memory (MiB, nvidia-smi) | status |" >"$WORK/perf.md"
+    echo "|---|---|---|---|---|---|" >>"$WORK/perf.md"
+    if [ "$DRY" = 1 ] || [ "${PMA_ACCEPT_PERF:-1}" = 0 ]; then
+        local why="dry mode: needs a GPU"
+        [ "$DRY" = 1 ] || why="PMA_ACCEPT_PERF=0"
+        skip 09 "dense_411m-shaped performance table" "$why"
+        return
+    fi
+    local i=0
+    for toggle in "${PERF_TOGGLES[@]}"; do
+        local label=${toggle%%|*} extra=${toggle#*|} run=$WORK/dense-$i
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 -i 0 >"$WORK/mem-$i.csv" 2>/dev/null &
+        local smi=$!
+        step "dense_411m-$i" 300 "$TRAIN model=dense_411m run.dir=$run train.seq_length=4096 model.max_position_embeddings=4096 \
+train.micro_batch_size=1 train.global_batch_size=8 train.iters=10 train.log_interval=5 train.eval_interval=1000 train.eval_iters=1 \
+checkpoint.interval=1000 checkpoint.save_at_end=false $extra"
+        local status=$?
+        kill $smi 2>/dev/null; wait $smi 2>/dev/null
+        local m="$CHECK metric $run train" result
+        result=$(verdict $status)
+        # Running out of memory is a figure of this table (unfused attention at seq 4096), not a failure.
+        [ "$status" != 0 ] && grep -qi "out of memory" "$OUT/logs/dense_411m-$i.log" && result="out of memory"
+        echo "| $label | $($m tokens_per_s) | $($m tflops_per_rank) | $($m mfu) | $(sort -n "$WORK/mem-$i.csv" | tail -1) | $result |" >>"$WORK/perf.md"
+        [ "$result" != FAIL ] || row 09 "dense_411m-shaped: $label" FAIL "see logs/dense_411m-$i.log"
+        i=$((i + 1))
+    done
+    row 09 "dense_411m-shaped performance table" PASS "${#PERF_TOGGLES[@]} runs of 10 steps (tokens/s etc. of steps 6-10), below"
+}
 
-# 5. PMA on GPU checkpoints: pma-merge, PMA-init from the merge, an annealing branch
-step merge 180 "$PY -m pma_train.cli.merge root=$WORK/tiny/checkpoints n=3 v_iterations=10 method=sma output=$WORK/merged progress_bar=false"
-row "pma-merge of GPU checkpoints" "$([ -f $WORK/merged/latest_checkpointed_iteration.txt ] && echo PASS || echo FAIL)" "$(tail -1 "$WORK/merge.log")"
-step pma-init 180 "$TRAIN model=tiny run.dir=$WORK/init checkpoint.init_from=$WORK/merged train.iters=10 train.eval_at_start=true train.eval_interval=10"
-row "PMA-init from the merge" "$([ "$(metric $WORK/init val loss)" != none ] && echo PASS || echo FAIL)" "val loss $(metric $WORK/init val loss)"
-step anneal 180 "$TRAIN model=tiny run.dir=$WORK/anneal schedule=anneal checkpoint.load=$WORK/tiny/checkpoints/iter_0000030 checkpoint.dir=$WORK/anneal/ckpt train.iters=40 train.eval_interval=10"
-row "annealing branch" "$([ "$(metric $WORK/anneal val loss)" != none ] && echo PASS || echo FAIL)" "val loss $(metric $WORK/anneal val loss)"
+if [ "$DRY" = 1 ]; then
+    # Two lanes on two cores; lane B keeps its own data cache so the lanes never write one index file.
+    ( s_env; s_tiny; s_pma ) &
+    lane_a=$!
+    ( export PMA_CACHE_DIR=$WORK/cache-b; s_init; s_resume_runs; s_spike ) &
+    lane_b=$!
+    wait $lane_a $lane_b
+    s_xdev; s_resume_compare; s_multi; s_perf
+else
+    s_env; s_tiny; s_init; s_xdev; s_resume_runs; s_resume_compare; s_pma; s_spike; s_multi; s_perf
+fi
 
-# 6. throughput of a dense_411m-shaped run (byte vocabulary), seq 4096, bf16
-big=$WORK/dense411m
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 >"$WORK/mem.csv" 2>/dev/null &
-smi=$!
-step dense_411m 300 "$TRAIN model=dense_411m run.dir=$big train.seq_length=4096 model.max_position_embeddings=4096 train.micro_batch_size=1 train.global_batch_size=8 train.iters=15 train.log_interval=5 train.eval_interval=1000 train.eval_iters=1 checkpoint.interval=1000 checkpoint.save_at_end=false"
-kill $smi 2>/dev/null
-peak=$(sort -n "$WORK/mem.csv" 2>/dev/null | tail -1)
-row "dense_411m-shaped, seq 4096, bf16, 1 GPU" "$([ "$(metric $big train tokens_per_s)" != none ] && echo PASS || echo FAIL)" \
-    "tokens/s $(metric $big train tokens_per_s); TFLOP/s $(metric $big train tflops_per_rank); MFU $(metric $big train mfu); peak GPU memory ${peak:-?} MiB (nvidia-smi)"
+for f in "$OUT"/logs/*.log; do echo "==== $(basename "$f")"; cat "$f"; done >"$LOG"
+cat "$WORK/times" >>"$LOG"
+{
+    mode="GPU run"
+    [ "$DRY" = 1 ] && mode="DRY run on the CPU (GPU parts skipped)"
+    echo "GPU acceptance, $(date -u +%Y-%m-%d), $mode, $(grep -m1 '^device' "$OUT/logs/env.log"), $NGPU GPU(s), $(($(date +%s) - STARTED)) s; load average $(uptime | sed 's/.*load average: //')"
+    echo
+    echo "| check | result | figures / reason |"
+    echo "|---|---|---|"
+    cat "$ROWS"/*.md
+    echo
+    echo "dense_411m-shaped (byte vocabulary), seq 4096, global batch 8, 1 GPU:"
+    echo
+    cat "$WORK/perf.md"
+    echo
+    echo "Performance settings not available yet: $PERF_MISSING."
+    if [ -f "$WORK/skipped" ]; then echo; echo "Skipped:"; cat "$WORK/skipped"; fi
+} >"$TABLE"
 cat "$TABLE"
+rm -rf "$WORK"
+! grep -q "| FAIL |" "$TABLE"
