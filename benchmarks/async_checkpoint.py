@@ -46,7 +46,7 @@ def _worker(mode: str, iters: int, interval: int, out: Path) -> None:
     from hydra import compose, initialize_config_dir
 
     from pma_train.checkpoint import async_save
-    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
     from pma_train.train.trainer import Trainer
 

@@ -83,7 +83,7 @@ def run_phase(phase: str, overrides: list[str]) -> dict:
 
     import psutil
 
-    from pma_train.cli.common import CONF_DIR, register_configs
+    from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
     from pma_train.rss import PeakRss
     from pma_train.train.trainer import Trainer

@@ -33,7 +33,7 @@ def model_shapes(model: str) -> list[list[int]]:
     """The parameter shapes of one rank's model (TP=PP=1), from megatron-core's meta-device build."""
     from omegaconf import OmegaConf
 
-    from pma_train.cli.common import model_configs_dir
+    from pma_train.conf import model_configs_dir
     from pma_train.config import JobConfig, ModelConfig
     from pma_train.data import build_tokenizer
     from pma_train.plan.count import _build, _fake_rank, _meta_build_environment, _quiet

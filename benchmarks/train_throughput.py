@@ -403,6 +403,7 @@ def run(args: argparse.Namespace) -> dict | None:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
     import torch
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from pma_train.train.trainer import Trainer
@@ -443,8 +444,8 @@ def run(args: argparse.Namespace) -> dict | None:
             say(f"round {n}/{args.rounds}: " + ", ".join(f"{s} {v:,.0f} tok/s" for s, v in last.items())
                 + f", ratio {last['pma'] / last['bare']:.3f}")
 
-    world = dist.get_world_size()
-    say(f"world {world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {trainer.dp_size}, "
+    world, dp = dist.get_world_size(), parallel_state.get_data_parallel_world_size()
+    say(f"world {world} = tp {cfg.parallel.tp} x pp {cfg.parallel.pp} x dp {dp}, "
         f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, {args.rounds} rounds x {args.steps} steps per side "
         f"after {args.warmup} warm-up steps, same initial weights: {same_init}")
     schedule = make_schedule(["pma", *loops], args.warmup, args.rounds, args.steps)
@@ -475,11 +476,11 @@ def run(args: argparse.Namespace) -> dict | None:
     import megatron.core
 
     result = {
-        "label": args.label or f"{m.name}-tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{trainer.dp_size}",
+        "label": args.label or f"{m.name}-tp{cfg.parallel.tp}-pp{cfg.parallel.pp}-dp{dp}",
         "model": {"name": m.name, "pattern": m.pattern(), "hidden_size": m.hidden_size,
                   "ffn_hidden_size": m.ffn_hidden_size, "num_attention_heads": m.num_attention_heads,
                   "params_rank0": sum(p.numel() for c in trainer.model for p in c.parameters())},
-        "layout": {"world": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": trainer.dp_size,
+        "layout": {"world": world, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp,
                    "sequence_parallel": cfg.parallel.sequence_parallel and cfg.parallel.tp > 1},
         "batch": {"global": t.global_batch_size, "micro": t.micro_batch_size, "seq_len": t.seq_length,
                   "microbatches_per_step": trainer.num_microbatches, "tokens_per_step": tokens_per_step},

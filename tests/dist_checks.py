@@ -98,7 +98,7 @@ def live_merge_main() -> None:
 
 
 def previous_build_main() -> None:
-    from pma_train.cli.common import model_configs_dir
+    from pma_train.conf import model_configs_dir
     from pma_train.config import JobConfig, ModelConfig
     from pma_train.model import build_model
     from pma_train.model.build import build_chunks, transformer_config

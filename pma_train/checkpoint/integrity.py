@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pma_train.checkpoint.hashing import ALGORITHM, READ_BLOCK, HashingError, digest_range, new_hasher
+from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
 
 SIDECAR = "checksums.json"
@@ -27,7 +28,6 @@ FORMAT = "pma-train checksums"
 VERSION = 1
 # Files DCP and megatron-core write beside the data: a flipped byte there misplaces every tensor.
 METADATA_FILES = (".metadata", "metadata.json", "common.pt")
-OPTIMIZER_PREFIX = "optimizer."  # DCP keys of the optimizer state (megatron-core)
 
 
 class ChecksumError(CheckpointError):
@@ -338,7 +338,7 @@ class Verification:
         if problems:
             raise ChecksumError(summarize(problems, self.ckpt_dir))
         if not with_optimizer:  # a load without optimizer reads none of its items
-            checksums.chunks = [e for e in checksums.chunks if not e.key.startswith(OPTIMIZER_PREFIX)]
+            checksums.chunks = [e for e in checksums.chunks if not layout.is_optimizer_key(e.key)]
         rank, world = _rank_world()
         mine = share_units(work_units(checksums), world)[rank]
         self._thread = threading.Thread(target=self._hash, args=(checksums.algorithm, mine),

@@ -20,6 +20,14 @@ _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 TMP_PREFIX = ".tmp-"
 
 
+# DCP keys of megatron-core's optimizer state: "optimizer." or, for a chained optimizer (dense and
+# expert parameters apart) saved dp_reshardable, "chained_<i>.optimizer.".
+_OPTIMIZER_KEY = re.compile(r"(chained_\d+\.)?optimizer\.")
+
+
+def is_optimizer_key(key: str) -> bool:
+    return _OPTIMIZER_KEY.match(key) is not None
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or of an unexpected kind; the message names it."""
 

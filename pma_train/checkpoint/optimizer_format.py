@@ -40,7 +40,7 @@ def detect(ckpt_dir: str | Path) -> str:
     """The format a checkpoint's optimizer state was written in (fully_reshardable when it has none,
     or when a non-distributed optimizer wrote it: that state is per-parameter too)."""
     keys = layout.read_metadata(ckpt_dir).state_dict_metadata.keys()
-    bucketed = any(k.startswith("optimizer.distributed.") and _BUCKET_KEY_MARK in k for k in keys)
+    bucketed = any(layout.is_optimizer_key(k) and ".distributed." in k and _BUCKET_KEY_MARK in k for k in keys)
     return "dp_reshardable" if bucketed else "fully_reshardable"
 
 

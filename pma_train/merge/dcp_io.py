@@ -30,10 +30,9 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from pma_train.checkpoint.hashing import ALGORITHM, READ_BLOCK, HashingFile
 from pma_train.checkpoint.integrity import Entry, Expected, expected_items
-from pma_train.checkpoint.layout import CheckpointError, read_metadata
+from pma_train.checkpoint.layout import CheckpointError, is_optimizer_key, read_metadata
 from pma_train.checkpoint.safe_pickle import TENSOR_GLOBALS, FileSlice, RestrictedUnpickler, UnsafePickleError
 
-OPTIMIZER_PREFIX = "optimizer."
 
 
 @dataclass(frozen=True)
@@ -92,10 +91,10 @@ class CheckpointIndex:
                 self.bytes.append(StoredBytes(index, *where))
 
     def model_keys(self) -> list[str]:
-        return sorted(k for k in self.tensors if not k.startswith(OPTIMIZER_PREFIX))
+        return sorted(k for k in self.tensors if not is_optimizer_key(k))
 
     def optimizer_keys(self) -> list[str]:
-        return sorted(k for k in self.tensors if k.startswith(OPTIMIZER_PREFIX))
+        return sorted(k for k in self.tensors if is_optimizer_key(k))
 
 
 def _chunk_sizes(metadata: Metadata, index: MetadataIndex) -> tuple[int, ...]:

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from pma_train.checkpoint import integrity, layout, space
+from pma_train.checkpoint.layout import is_optimizer_key
 from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
-    OPTIMIZER_PREFIX,
     CheckpointIndex,
     ChunkReader,
     ChunkWriter,
@@ -180,7 +180,7 @@ def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], d
     out_dtype = {}
     for key in keys:
         dtype = indexes[-1].tensors[key].dtype
-        fixed = request.output_dtype != "input" and dtype.is_floating_point and not key.startswith(OPTIMIZER_PREFIX)
+        fixed = request.output_dtype != "input" and dtype.is_floating_point and not is_optimizer_key(key)
         out_dtype[key] = DTYPES[request.output_dtype] if fixed else dtype
     try:
         sources = plan_sources(indexes, keys, request.carry_optimizer)
@@ -344,7 +344,7 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
     newest, newest_index = request.inputs[-1], indexes[-1]
     reader, writer = ChunkReader(), ChunkWriter(tmp, "__0_1.distcp")
     for stored in newest_index.bytes:
-        if stored.index.fqn.startswith(OPTIMIZER_PREFIX) and not request.carry_optimizer:
+        if is_optimizer_key(stored.index.fqn) and not request.carry_optimizer:
             continue
         writer.write_bytes(stored.index.fqn, reader.read_raw(stored.file, stored.offset, stored.length, stored.expected))
     writer.close()

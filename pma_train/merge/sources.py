@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pma_train.merge.dcp_io import OPTIMIZER_PREFIX, CheckpointIndex
+from pma_train.checkpoint.layout import is_optimizer_key
+from pma_train.merge.dcp_io import CheckpointIndex
 from pma_train.merge.plan import PlanError
 
 MAIN_PARAM_PREFIXES = ("optimizer.state.param.", "optimizer.state.fp32_param.")
@@ -50,7 +51,7 @@ def plan_sources(indexes: list[CheckpointIndex], keys: list[str], carry_optimize
     newest = indexes[-1]
     sources = {}
     for key in keys:
-        if key.startswith(OPTIMIZER_PREFIX):
+        if is_optimizer_key(key):
             model_key = _model_key_of(key)
             if model_key is not None and model_key in newest.tensors:
                 sources[key] = Source(_from_main_params(indexes, model_key), merge=True)
