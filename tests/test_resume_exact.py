@@ -118,3 +118,17 @@ def test_dp2_bf16_merge_carries_the_merged_fp32_main_params(dp2_bf16, tmp_path):
     ckpts, merged = dp2_bf16.run_dir / "checkpoints", tmp_path / "merged"
     _merge(ckpts, merged, 3, 6)
     assert_main_params_merged(merged, [ckpts / layout.iter_dir_name(i) for i in (2, 4, 6)], sma(3), tmp_path)
+
+
+def test_bf16_without_the_distributed_optimizer_saves_and_resumes_exactly(tmp_path, cache):
+    # megatron's plain mixed-precision optimizer maps only bf16 parameters in its checkpoint: every
+    # parameter (norms included) must be bf16, or the first save fails.
+    args = ["train.iters=4", "train.log_interval=1", "train.eval_interval=100", "train.global_batch_size=4",
+            "train.micro_batch_size=2", "train.seq_length=32", "checkpoint.interval=2", "seed=5",
+            "train.precision=bf16", "parallel.use_distributed_optimizer=false"]
+    full = train(tmp_path / "full", args, nproc=1, cache_dir=cache)
+    resumed = train(tmp_path / "resumed", args + [f"checkpoint.load={full.run_dir / 'checkpoints' / layout.iter_dir_name(2)}",
+                                                  f"checkpoint.dir={tmp_path / 'resumed' / 'ckpt'}"],
+                    nproc=1, cache_dir=cache)
+    assert "start iteration 2" in resumed.output and sorted(resumed.losses()) == [3, 4]
+    assert resumed.losses() == _after(full.losses(), 2)

@@ -142,7 +142,19 @@ def build_chunks(cfg: JobConfig, config: TransformerConfig, platform: Platform, 
                 rotary_base=cfg.model.rotary_base,
                 vp_stage=stage,
             ))
+    for chunk in chunks:
+        _params_in(chunk, config.params_dtype)
     return chunks
+
+
+def _params_in(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter in the run's parameter dtype, as Megatron-LM's Float16Module and
+    TE's modules make them. megatron-core's torch norms are created in fp32 whatever params_dtype
+    says; megatron's non-distributed mixed-precision optimizer cannot checkpoint fp32 parameters
+    next to bf16 ones (its state dict maps the bf16 ones only)."""
+    for param in chunk.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def build_model(cfg: JobConfig, platform: Platform, vocab_size: int, *, initialise: bool = True) -> list[HybridModel]:
