@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from datetime import timedelta
 
@@ -71,9 +72,18 @@ def init_distributed(parallel: ParallelConfig, platform: Platform, seed: int) ->
 def seed_everything(seed: int) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    # Same seed on every rank: data order and layout-invariant init depend on it only.
-    torch.manual_seed(seed)
+    seed_host(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def seed_host(seed: int) -> None:
+    """Same seed on every rank: data order and layout-invariant init depend on it only. Python's and
+    numpy's generators too (checkpoints carry their states, and user code may draw from them)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def destroy_distributed() -> None:

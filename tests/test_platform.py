@@ -109,3 +109,20 @@ def test_platform_layer_imports_nothing_above_it():
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         ours = {m for m in imported if m and m.startswith("pma_train")}
         assert ours <= allowed, f"{name}.py imports {sorted(ours - allowed)}"
+
+
+def test_the_seed_sets_pythons_and_numpys_generators_too():
+    import random
+
+    import numpy as np
+
+    from pma_train import cpu_compat
+    from pma_train.parallel import seed_host
+
+    def draws(seed):
+        seed_host(seed)
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    with cpu_compat.installed():
+        first, again, other = draws(7), draws(7), draws(8)
+    assert first == again and all(a != b for a, b in zip(first, other))
