@@ -355,3 +355,23 @@ def test_eval_iterator_restarts_at_sample_zero():
     first = [_ids(b) for b in ev]
     assert first == [[2, 3], [6, 7], [10, 11]]
     assert [_ids(b) for b in ev] == first
+
+
+def test_loader_workers_outlive_a_signal_sent_to_the_whole_job():
+    # Slurm signals every process of a job step: the trainer saves before stopping, and its loader
+    # workers (forked before its handlers exist) must keep serving batches meanwhile.
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    ds = _Numbered(50)
+    it = MicroBatchIterator(ds, 2, 0, 1, num_workers=2)
+    first = _take(it, 2)  # one from each worker: both are set up
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)  # the signal is delivered at once; its default action would have ended them
+    assert all(w.is_alive() for w in workers)
+    assert [_ids(b) for b in first + _take(it, 4)] == [[2 * i, 2 * i + 1] for i in range(6)]

@@ -10,6 +10,8 @@ for any dp_size. Past the end of the dataset the order starts again from sample 
 
 from __future__ import annotations
 
+import signal
+import weakref
 from collections.abc import Iterator, Sized
 from typing import Optional
 
@@ -42,6 +44,25 @@ class _SampleOrder:
             produced += 1
 
 
+# Signals a scheduler sends to every process of a job step (Slurm: to the whole step) or a terminal
+# to its process group. The workers are forked when the loader is built, before the trainer
+# installs its handlers: they would die mid-step, before the trainer's save. They ignore them
+# and end with the trainer instead: shut down by the loader when it is collected or at exit
+# (multiprocessing's own exit hook would SIGTERM them, in vain, and wait forever).
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    for name in STOP_SIGNALS:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+
+
+def _shut_down(batches) -> None:
+    # torch's own worker shutdown (also what the iterator's __del__ runs): a stop message to each
+    # worker, then join.
+    batches._shutdown_workers()
+
+
 def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in BATCH_KEYS}
 
@@ -71,8 +92,10 @@ class MicroBatchIterator:
         order = _SampleOrder(len(dataset), micro_batch_size, dp_rank, dp_size, consumed_samples,
                              max_micro_batches)
         loader = DataLoader(dataset, batch_sampler=order, num_workers=num_workers, collate_fn=_collate,
-                            prefetch_factor=2 if num_workers > 0 else None)
+                            prefetch_factor=2 if num_workers > 0 else None, worker_init_fn=_ignore_stop_signals)
         self._batches = iter(loader)
+        if num_workers > 0:
+            weakref.finalize(self, _shut_down, self._batches)
 
     def __iter__(self) -> "MicroBatchIterator":
         return self
