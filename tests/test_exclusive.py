@@ -224,7 +224,12 @@ def test_full_disk_during_a_merge_is_named_and_latest_stays(tmp_path):
         ok = merge_cli([f"inputs=[{inputs[0]},{inputs[1]}]", f"output={out}"], nproc=None)
         assert ok.returncode == 0, ok.stderr[-3000:]
         kept = digest(out / "iter_0000002")
-        full = merge_cli([f"inputs=[{inputs[1]},{inputs[2]}]", f"output={out}"], nproc=2)
+        refused = merge_cli([f"inputs=[{inputs[1]},{inputs[2]}]", f"output={out}"], nproc=None)
+        assert refused.returncode == 1 and f"output: {out} has " in refused.stderr, refused.stderr[-3000:]
+        assert "a checkpoint needs about 2.1 MiB (the merged tensors' bytes); nothing was written" in refused.stderr
+        assert digest(out / "iter_0000002") == kept and temporaries(out) == []
+        # Past the check (an estimate can be short), a write that finds the disk full is named too.
+        full = merge_cli([f"inputs=[{inputs[1]},{inputs[2]}]", f"output={out}", "check_free_space=false"], nproc=2)
         assert full.returncode == 1, full.stdout + full.stderr
         assert "disk full (no space left on device, or quota exceeded) while writing" in full.stderr, full.stderr[-3000:]
         assert "latest_checkpointed_iteration.txt still names iteration 2" in full.stderr

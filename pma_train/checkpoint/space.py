@@ -57,13 +57,13 @@ def expected_need(root: Path, estimate_bytes: int) -> tuple[int, str]:
     return int(estimate_bytes * HEADROOM), "the tensor bytes of the state dict"
 
 
-def check_room(root: Path, need: int, basis: str) -> None:
+def check_room(root: Path, need: int, basis: str, field: str = "checkpoint.dir",
+               skip: str = "checkpoint.check_free_space=false skips this check") -> None:
     """Raise DiskFullError before a save into root that cannot fit (need: from expected_need)."""
     free = shutil.disk_usage(root).free
     if free < need:
-        raise DiskFullError(f"checkpoint.dir: {root} has {gib(free)} free, a checkpoint needs about {gib(need)} "
-                            f"({basis}); nothing was written: free space or save elsewhere "
-                            "(checkpoint.check_free_space=false skips this check)")
+        raise DiskFullError(f"{field}: {root} has {gib(free)} free, a checkpoint needs about {gib(need)} "
+                            f"({basis}); nothing was written: free space or save elsewhere ({skip})")
 
 
 def is_disk_full(err: BaseException) -> bool:

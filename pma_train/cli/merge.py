@@ -103,7 +103,7 @@ def _run(node: DictConfig) -> None:
                            budget_bytes=cfg.memory_budget_mb * 2**20, accumulate=cfg.accumulate_dtype,
                            output_dtype=cfg.output_dtype, carry_optimizer=cfg.carry_optimizer,
                            overwrite=cfg.overwrite, progress=cfg.progress_bar and sys.stderr.isatty(),
-                           force_unlock=cfg.force_unlock)
+                           force_unlock=cfg.force_unlock, check_free_space=cfg.check_free_space)
     if rank0:
         print_selection(inputs, weights, note)
     try:

@@ -362,6 +362,8 @@ class MergeConfig(MergeWeighting):
     # One merge writes `output` at a time (lock file <output>/.pma-lock); take over a lock another
     # host left behind (that host's merge must no longer run: this host cannot check).
     force_unlock: bool = False
+    # Refuse before reading anything when the output's file system lacks room for the merged tensors.
+    check_free_space: bool = True
     # Per-rank memory for merge buffers; pieces of tensors are sized to fit.
     memory_budget_mb: int = 256
     # Accumulation precision fp32 | fp64; output dtype: "input" keeps each tensor's dtype.

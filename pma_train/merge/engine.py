@@ -61,6 +61,7 @@ class MergeRequest:
     overwrite: bool = False
     progress: bool = True
     force_unlock: bool = False  # take over a lock another host left on output_root
+    check_free_space: bool = True
 
 
 @dataclass
@@ -197,7 +198,7 @@ def run_merge(request: MergeRequest) -> MergeSummary:
     pieces = plan_pieces(indexes, keys, request.budget_bytes, accumulate, out_dtype,
                          {k: s.keys for k, s in sources.items()})
     mine = assign(pieces, world)[rank]
-    lock = _claim_output(request)
+    lock = _claim_output(request, sum(math.prod(p.sizes) * out_dtype[p.key].itemsize for p in pieces))
     try:
         return _merge_locked(request, indexes, keys, out_dtype, sources, accumulate, pieces, mine)
     finally:
@@ -205,9 +206,10 @@ def run_merge(request: MergeRequest) -> MergeSummary:
             lock.release()
 
 
-def _claim_output(request: MergeRequest) -> RootLock | None:
+def _claim_output(request: MergeRequest, output_bytes: int) -> RootLock | None:
     """Rank 0 locks the output root (every rank fails alike if it cannot), then, as its only writer,
-    removes whatever killed merges or jobs left there, whichever checkpoint they were writing."""
+    removes whatever killed merges or jobs left there, whichever checkpoint they were writing, and
+    checks that the output fits on its file system."""
     lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
     final = request.output_root / layout.iter_dir_name(request.inputs[-1].iteration)
     refusal = [None]
@@ -216,6 +218,12 @@ def _claim_output(request: MergeRequest) -> RootLock | None:
             refusal = [f"output: {final} exists (pass overwrite=true to replace it)"]
         else:
             layout.remove_stale_temporaries(request.output_root)
+            try:
+                if request.check_free_space:
+                    space.check_room(request.output_root, int(output_bytes * space.HEADROOM), "the merged tensors' bytes",
+                                     field="output", skip="check_free_space=false skips this check")
+            except space.DiskFullError as err:
+                refusal = [str(err)]
     dist.broadcast_object_list(refusal, src=0)
     if refusal[0] is not None:
         if lock is not None:
