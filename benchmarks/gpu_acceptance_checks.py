@@ -86,7 +86,9 @@ def _full_weights(ckpt_dir: str) -> dict:
         out = Path(tmp) / "weights.pt"
         dcp_to_torch_save(ckpt_dir, str(out))
         state = torch.load(out, weights_only=False)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    # `_extra_state` (Transformer Engine's FP8 metadata, saved by TE modules only, as bytes or a
+    # uint8 tensor) is no weight: a TE checkpoint has it, a CPU-built one does not.
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
 def same_weights(reference: str, other: str) -> int:
