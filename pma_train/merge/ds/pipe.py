@@ -57,6 +57,9 @@ def layer_units(checkpoints: list[DsCheckpoint], models: list[dict[int, Archive]
     units, covered = [], set()
     for name, (layer, _) in sorted(newest.layer_files.items()):
         layer_file = Archive(newest.path / name)
+        if not isinstance(layer_file.objects, dict):
+            raise DsPipeError(f"{layer_file.path}: holds a {type(layer_file.objects).__name__}, not a layer's "
+                              "state dict")
         tensors = {k: v for k, v in layer_file.objects.items() if isinstance(v, TensorRef)}
         stages = {owner[f"{layer}.{k}"] for k in tensors if f"{layer}.{k}" in owner}
         if len(stages) > 1:
