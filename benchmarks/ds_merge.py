@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -33,9 +34,16 @@ def _env() -> dict:
             "PYTHONPATH": str(REPO)}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:  # torchrun's default port may be another job's
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _torchrun(nproc: int, *args: str) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *args],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           f"--master-port={_free_port()}", *args],
                           cwd=REPO, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{args[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
