@@ -204,7 +204,7 @@ def _reset_moments(state: dict) -> None:
                 per_param[name] = torch.zeros_like(value, device="cpu")
 
 
-def _write_model_states(request: MergeRequest, ds_plan, unit: ModelUnit, tmp: Path) -> None:
+def _write_model_states(request: MergeRequest, ds_plan, unit: ModelUnit | LayerUnit, tmp: Path) -> None:
     """The newest input's model-states file with each trained parameter = the merged master weight
     (a pipeline run's: its layer files; its mp_rank files hold no module and are copied)."""
     newest = ds_plan.checkpoints[-1].path
