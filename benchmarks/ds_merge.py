@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -33,9 +34,16 @@ def _env() -> dict:
             "PYTHONPATH": str(REPO)}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:  # torchrun's default port may be another job's
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _torchrun(nproc: int, *args: str) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *args],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           f"--master-port={_free_port()}", *args],
                           cwd=REPO, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{args[:2]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -79,9 +87,14 @@ def baseline(args) -> None:
             total[k].add_(v, alpha=1.0 / len(tags))
         del state
     seconds = time.perf_counter() - start
-    merged = get_fp32_state_dict_from_zero_checkpoint(args.merged)
-    worst = max(float((merged[k] - total[k]).abs().max()) for k in total)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the check below loads more
+    worst = 0.0
+    for merged_dir in args.merged.split(","):  # DeepSpeed's own reconstruction of each pma-merge output
+        merged = get_fp32_state_dict_from_zero_checkpoint(merged_dir)
+        if merged.keys() != total.keys():
+            raise SystemExit(f"{merged_dir}: parameters {sorted(merged)[:3]}..., expected {sorted(total)[:3]}...")
+        worst = max([worst] + [float((merged[k] - total[k]).abs().max()) for k in total])
+        del merged
     print("RESULT " + json.dumps({"seconds": seconds, "peak_rss": peak, "rss_growth": peak - rss_start,
                                   "max_abs_diff_vs_pma_merge": worst,
                                   "params": sum(v.numel() for v in total.values())}))
@@ -106,6 +119,18 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    # fp32 master weights + two Adam moments per input, and two merged outputs
+    need = 12 * (args.width + 1) * args.width * args.depth * (args.count + 2)
+    free = shutil.disk_usage(work).free
+    if need > 0.9 * free:
+        raise SystemExit(f"{work}: the inputs and outputs need ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+    try:
+        measure(args, work)
+    finally:  # the inputs are large: never left behind
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, work: Path) -> None:
     load_before = os.getloadavg()
     ckpts = work / "ds"
     train_s = _torchrun(2, __file__, "--part", "train", "--ckpt-dir", str(ckpts), "--count", str(args.count), "--width",
@@ -122,7 +147,7 @@ def main() -> None:
                      "rss_growth_mib": summary["peak_rss_above_start_bytes"] / 2**20})
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--part", "baseline", "--ckpt-dir", str(ckpts), "--count", str(args.count),
-                           "--merged", str(work / "merged1")], cwd=REPO, env=_env(), capture_output=True, text=True)
+                           "--merged", f"{work / 'merged1'},{work / 'merged2'}"], cwd=REPO, env=_env(), capture_output=True, text=True)
     wall = time.perf_counter() - start
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -153,7 +178,6 @@ def main() -> None:
               "checkpoint (optimizer partitions included); the baseline writes nothing."]
     (results / "ds_merge.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

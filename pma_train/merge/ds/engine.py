@@ -28,6 +28,7 @@ from pma_train.checkpoint import integrity, layout, space
 from pma_train.checkpoint.lock import acquire_on_rank0
 from pma_train.merge.ds.archive import Archive, import_deepspeed, load_objects
 from pma_train.merge.ds.layout import LATEST, read_latest, step_of
+from pma_train.merge.ds.pipe import LayerUnit, write_layer_file
 from pma_train.merge.ds.plan import (
     READ_BLOCK_BYTES,
     DsPlanError,
@@ -117,7 +118,7 @@ def _merge_into(request: MergeRequest, ds_plan, mine, accumulate, tmp: Path, fin
             error = _describe(err, tmp, request)
         _collective(error, tmp, request)
         try:
-            for k, model_unit in enumerate(ds_plan.model_units):
+            for k, model_unit in enumerate(ds_plan.model_units + ds_plan.layer_units):
                 if k % world == rank:
                     _write_model_states(request, ds_plan, model_unit, tmp)
                     written.append(integrity.digest_file(tmp / model_unit.name))
@@ -139,7 +140,7 @@ def _merge_into(request: MergeRequest, ds_plan, mine, accumulate, tmp: Path, fin
         bytes_written=sum(e.length for r in reports for e in r["files"]), seconds=max(r["seconds"] for r in reports),
         read_gbps=0.0, peak_rss_bytes=max(r["peak_rss"] for r in reports),
         peak_rss_above_start_bytes=max(r["rss_growth"] for r in reports), ranks=world,
-        pieces=len(ds_plan.units) + len(ds_plan.model_units),
+        pieces=len(ds_plan.units) + len(ds_plan.model_units) + len(ds_plan.layer_units),
         per_rank=[{k: r[k] for k in ("rank", "bytes_read", "seconds", "pieces", "peak_rss", "rss_growth")}
                   for r in reports])
     summary.read_gbps = summary.bytes_read / max(summary.seconds, 1e-9) / 1e9
@@ -203,11 +204,18 @@ def _reset_moments(state: dict) -> None:
                 per_param[name] = torch.zeros_like(value, device="cpu")
 
 
-def _write_model_states(request: MergeRequest, ds_plan, unit: ModelUnit, tmp: Path) -> None:
-    """The newest input's model-states file with each trained parameter = the merged master weight."""
-    objects = load_objects(ds_plan.checkpoints[-1].path / unit.name)
-    module = objects["module"]
+def _write_model_states(request: MergeRequest, ds_plan, unit: ModelUnit | LayerUnit, tmp: Path) -> None:
+    """The newest input's model-states file with each trained parameter = the merged master weight
+    (a pipeline run's: its layer files; its mp_rank files hold no module and are copied)."""
+    newest = ds_plan.checkpoints[-1].path
     outputs = [Archive(tmp / u.name) for u in sorted(ds_plan.units, key=lambda u: u.dp) if u.mp == unit.mp]
+    if isinstance(unit, LayerUnit):
+        return write_layer_file(newest, unit, outputs, lambda archive: fp32_partitions(archive)[1], tmp)
+    objects = load_objects(newest / unit.name)
+    module = objects["module"]
+    if module is None:
+        shutil.copy2(newest / unit.name, tmp / unit.name)
+        return
     for g, shapes in enumerate(objects["param_shapes"]):
         for name, shape in shapes.items():
             pieces = []

@@ -8,6 +8,11 @@ names the newest tag. In a tag directory, per model-parallel rank `mp`:
   optimizer moments, and where each parameter's fragment sits in the partition);
 - ZeRO stage 3: `zero_pp_rank_<dp>_mp_rank_<mp>_model_states.pt` per rank (no parameter data) and
   the same optim_states files.
+Tensor parallelism (an `mpu`) numbers the mp ranks. A pipeline-parallel run (DeepSpeed's
+PipelineEngine; ZeRO 0 / 1 only) counts its stages as mp ranks too: its `mp_rank_<mp>_model_states.pt`
+hold no module (`module` is None) and the module is in one file per layer of the whole model,
+`layer_<LL>[-model_<tp>]-model_states.pt` (the layer's own state dict; `-model_<tp>` when the
+topology has a tensor axis).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ LATEST = "latest"
 _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _STEP = re.compile(r"global_step(\d+)$")
 # Written beside the data by pma-merge (provenance, checksums) or by DeepSpeed (nothing else).
 SIDE_FILES = frozenset({"pma_merge.json", "checksums.json"})
@@ -35,6 +41,7 @@ class DsCheckpoint:
     path: Path
     model_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp or -1) -> name
     optim_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp) -> name
+    layer_files: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (layer, tensor rank)
 
     @property
     def zero3(self) -> bool:
@@ -118,11 +125,13 @@ def scan(tag_dir: Path) -> DsCheckpoint:
             ckpt.model_files[(int(m.group(1)), -1)] = name
         elif (m := _ZERO3_MODEL.match(name)):
             ckpt.model_files[(int(m.group(2)), int(m.group(1)))] = name
+        elif (m := _LAYER.match(name)):
+            ckpt.layer_files[name] = (int(m.group(1)), int(m.group(2) or 0))
         elif name not in SIDE_FILES:
             others.append(name)
     if others:
-        raise DsLayoutError(f"{tag_dir}: files this merge does not read: {others[:4]} (pipeline-parallel "
-                            "layer files and universal checkpoints are not supported yet)")
+        raise DsLayoutError(f"{tag_dir}: files this merge does not read: {others[:4]} (expert (MoE) files, "
+                            "NVMe-offloaded tensors and universal checkpoints are not supported here)")
     mps = sorted({mp for mp, _ in ckpt.optim_files})
     dps = sorted({dp for _, dp in ckpt.optim_files})
     if not mps:
@@ -139,4 +148,12 @@ def scan(tag_dir: Path) -> DsCheckpoint:
                 name = (f"zero_pp_rank_{key[1]}_mp_rank_{mp:02d}_model_states.pt" if ckpt.zero3
                         else f"mp_rank_{mp:02d}_model_states.pt")
                 raise DsLayoutError(f"{tag_dir}: {name} is missing")
+    # Pipeline x tensor parallel: which stage's partitions hold a layer's shard is not recorded in the
+    # files; not produced for a test on CPU either. DeepSpeed's pipeline refuses ZeRO-3.
+    if ckpt.layer_files and len({tp for _, tp in ckpt.layer_files.values()}) > 1:
+        raise DsLayoutError(f"{tag_dir}: pipeline layer files of several tensor-parallel ranks (pipeline x tensor "
+                            "parallel, layer_<LL>-model_<tp>-...): a layout this merge does not read")
+    if ckpt.layer_files and ckpt.zero3:
+        raise DsLayoutError(f"{tag_dir}: pipeline layer files beside ZeRO-3 model states: a layout this merge "
+                            "does not read")
     return ckpt

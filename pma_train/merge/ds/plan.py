@@ -15,6 +15,7 @@ import torch
 
 from pma_train.merge.ds.archive import Archive, ArchiveError, TensorRef
 from pma_train.merge.ds.layout import DsCheckpoint, DsLayoutError, scan
+from pma_train.merge.ds.pipe import DsPipeError, LayerUnit, layer_units
 
 FP32_KEYS = ("single_partition_of_fp32_groups", "fp32_flat_groups")  # ZeRO 1 / 2 (and bf16), ZeRO-3
 READ_BLOCK_BYTES = 4 * 2**20
@@ -50,6 +51,7 @@ class DsPlan:
     zero_stage: int
     units: list[PartitionUnit]
     model_units: list[ModelUnit]  # empty under ZeRO-3 (its model-states files hold no parameter data)
+    layer_units: list[LayerUnit]  # a pipeline run's module, one file per layer (ds/pipe.py); else empty
 
 
 def fp32_partitions(archive: Archive) -> tuple[str, list[TensorRef]]:
@@ -132,7 +134,11 @@ def plan(paths: list) -> DsPlan:
         raise DsPlanError("inputs differ:\n  " + "\n  ".join(problems[:8]))
     model_units = [] if newest.zero3 else [
         ModelUnit(mp, newest.model_file(mp), _module_bytes(models[-1][mp])) for mp in range(newest.mp_size)]
-    return DsPlan(checkpoints, stage, units, model_units)
+    try:
+        layers = layer_units(checkpoints, models)
+    except (DsPipeError, ArchiveError) as err:
+        raise DsPlanError(str(err)) from None
+    return DsPlan(checkpoints, stage, units, model_units, layers)
 
 
 def _missing_ranks(c: DsCheckpoint, model: Archive) -> str | None:
@@ -163,6 +169,8 @@ def check_budget(ds_plan: DsPlan, accumulate: torch.dtype, budget_bytes: int) ->
     needs = [(unit_bytes(u, accumulate), str(ds_plan.checkpoints[-1].path / u.name)) for u in ds_plan.units]
     needs += [(m.module_bytes + READ_BLOCK_BYTES, str(ds_plan.checkpoints[-1].path / m.name))
               for m in ds_plan.model_units]
+    needs += [(u.layer_bytes + READ_BLOCK_BYTES, str(ds_plan.checkpoints[-1].path / u.name))
+              for u in ds_plan.layer_units]
     need, where = max(needs)
     if need > budget_bytes:
         raise DsPlanError(f"memory_budget_mb={budget_bytes // 2**20}: rewriting {where} needs "
