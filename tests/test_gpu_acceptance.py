@@ -35,5 +35,5 @@ def test_dry_mode_runs_every_cpu_check_and_lists_the_gpu_ones(tmp_path):
     assert "max train-loss difference 0.0" in table
     # The initial-weights comparison ran (on the CPU build against itself) and found every tensor.
     assert "tensors equal (float32->float32)" in table
-    assert "Performance settings not available yet:" in table
+    assert "Performance settings not toggled in this table:" in table
     assert (out / "logs" / "spike.log").stat().st_size > 0 and (out / "gpu_acceptance.log").stat().st_size > 0

@@ -4,7 +4,7 @@ and activation recomputation training to the same losses as without it (a real r
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import subprocess
 import sys
 
@@ -14,7 +14,7 @@ import torch
 from pma_train.config import ConfigError, JobConfig, validate
 from pma_train.config.perf import AUTO_FLAGS, CPU, Host, is_resolved, resolve, summary
 from tests import launch
-from tests.launch import Run, test_env
+from tests.launch import test_env
 from tests.test_config import job
 
 CUDA = Host(cuda=True)
@@ -134,6 +134,14 @@ def test_explicit_overrides_win_and_what_a_host_lacks_is_named():
             resolve(cfg, host)
 
 
+def test_cli_names_what_the_host_lacks_before_starting(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.train", "perf.fp8=hybrid", f"run.dir={tmp_path / 'run'}"],
+                          cwd=launch.REPO, env=test_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error: perf.fp8: FP8 needs CUDA with Transformer Engine, and this is a CPU host" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_resolved_values_reach_megatron_configs():
     """The TransformerConfig and DDP config pma-train builds, for the values a CUDA host without TE
     resolves to (all of which megatron-core accepts on a CPU host too) and for explicit ones."""
@@ -198,7 +206,7 @@ def test_the_te_spec_honours_moe_grouped_gemm():
 
 STEPS = ["train.iters=3", "train.log_interval=1", "train.eval_iters=0", "train.global_batch_size=4",
          "train.micro_batch_size=2", "train.seq_length=64", "checkpoint.interval=100", "checkpoint.save_at_end=false",
-         "schedule.warmup_iters=1", "seed=3"]
+         "schedule.warmup_iters=1", "seed=3", "logging.progress_bar=false"]
 RECOMPUTE = {"none": [], "selective": ["perf.recompute_granularity=selective",
                                        "perf.recompute_modules=[core_attn,mlp]"],
              "full": ["perf.recompute_granularity=full", "perf.recompute_method=uniform", "perf.recompute_num_layers=2"]}
@@ -206,22 +214,11 @@ RECOMPUTE = {"none": [], "selective": ["perf.recompute_granularity=selective",
 
 def test_recompute_trains_to_the_same_losses(tmp_path):
     """Recomputation repeats the forward in backward: the same numbers, bit for bit, on CPU (three
-    real runs side by side; the banner names the setting)."""
-    procs = {}
-    for name, extra in RECOMPUTE.items():
-        run_dir = tmp_path / name
-        procs[name] = (run_dir, subprocess.Popen(
-            [sys.executable, "-m", "pma_train.cli.train", f"run.dir={run_dir}", "logging.progress_bar=false", *STEPS,
-             *extra], cwd=launch.REPO, env=test_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
-    runs = {}
-    for name, (run_dir, proc) in procs.items():
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, output[-4000:]
-        runs[name] = Run(proc.returncode, output, run_dir)
-    grad = {name: [r["grad_norm"] for r in run.records("train")] for name, run in runs.items()}
-    assert len(runs["none"].losses()) == 3
-    assert runs["selective"].losses() == runs["full"].losses() == runs["none"].losses()
-    assert grad["selective"] == grad["full"] == grad["none"]
-    assert "recompute selective (core_attn,mlp)" in runs["selective"].output
-    assert "recompute full (uniform, 2 layers)" in runs["full"].output
+    real trainings, one process; the banner names the setting)."""
+    runs = {name: STEPS + extra for name, extra in RECOMPUTE.items()}
+    proc = launch.run_module(["tests.recompute_driver", str(tmp_path), json.dumps(runs)], nproc=None, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result["none"]["loss"]) == 3
+    assert result["selective"] == result["full"] == result["none"]
+    assert "recompute selective (core_attn,mlp)" in proc.stdout and "recompute full (uniform, 2 layers)" in proc.stdout

@@ -64,6 +64,21 @@ def _check_init_merge(job: JobConfig) -> None:
         raise CheckpointError(f"checkpoint.init_merge: {err}") from None
 
 
+def check_perf_for_host(job: JobConfig) -> None:
+    """The perf settings this host cannot honour, named before anything starts (training resolves them
+    again, pma_train/train/components.py). A CPU host decides without importing megatron-core."""
+    import torch
+
+    from pma_train.config.perf import CPU, resolve
+
+    if torch.cuda.is_available():  # as platform.detect decides
+        from pma_train.model.spec import detect_host
+
+        resolve(job, detect_host(True))
+    else:
+        resolve(job, CPU)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _run(cfg: DictConfig) -> None:
     job = to_job_config(cfg)
@@ -73,6 +88,7 @@ def _run(cfg: DictConfig) -> None:
         # Before megatron-core is even imported, let alone a process group started.
         validate(job)
         check_devices(job.parallel.backend)
+        check_perf_for_host(job)
         check_output_dirs(job)
         check_checkpoints(job)
     except (ConfigError, CheckpointError, PlatformError) as err:
