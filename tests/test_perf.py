@@ -5,6 +5,7 @@ and activation recomputation training to the same losses as without it (a real r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -132,6 +133,22 @@ def test_explicit_overrides_win_and_what_a_host_lacks_is_named():
         validate(cfg, world_size=1)  # statically fine: what fails is the host
         with pytest.raises(ConfigError, match=f"^{name}: "):
             resolve(cfg, host)
+
+
+def test_cuda_device_max_connections_is_set_or_a_disagreeing_environment_named(monkeypatch):
+    from pma_train.parallel import set_cuda_device_max_connections
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    set_cuda_device_max_connections(None, explicit=False)
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+    set_cuda_device_max_connections(1, explicit=False)
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    with pytest.raises(ConfigError, match="^perf.cuda_device_max_connections: the environment sets "
+                                          "CUDA_DEVICE_MAX_CONNECTIONS=32"):
+        set_cuda_device_max_connections(1, explicit=False)
+    set_cuda_device_max_connections(8, explicit=True)  # the key wins over the environment
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "8"
 
 
 def test_cli_names_what_the_host_lacks_before_starting(tmp_path):

@@ -58,6 +58,15 @@ def is_resolved(cfg: JobConfig) -> bool:
         and cfg.perf.moe_router_dtype is not None
 
 
+def cuda_connections(cfg: JobConfig, cuda: bool) -> Optional[int]:
+    """CUDA_DEVICE_MAX_CONNECTIONS for this job: decided from the config alone, so that it can be set
+    before anything (Transformer Engine's import included) may start CUDA."""
+    pf, p = cfg.perf, cfg.parallel
+    if pf.cuda_device_max_connections is None and cuda and (p.tp > 1 or pf.tp_comm_overlap):
+        return 1  # Megatron-LM asserts it for TP on GPUs before Blackwell; harmless after
+    return pf.cuda_device_max_connections
+
+
 def resolve(cfg: JobConfig, host: Host) -> JobConfig:
     """`cfg` with every auto value of `perf` (and model.moe_grouped_gemm) decided for `host`.
 
@@ -65,6 +74,7 @@ def resolve(cfg: JobConfig, host: Host) -> JobConfig:
     """
     pf, m, p = cfg.perf, cfg.model, cfg.parallel
     cuda, te, moe = host.cuda, host.te, bool(m.num_experts)
+
     def choose(name, auto, can, needs):
         return _choose(f"perf.{name}", getattr(pf, name), auto, can, needs, host)
 
@@ -101,10 +111,7 @@ def resolve(cfg: JobConfig, host: Host) -> JobConfig:
     if moe and m.moe_token_dispatcher_type == "flex" and m.moe_flex_dispatcher_backend not in host.flex_backends:
         _fail("model.moe_token_dispatcher_type", f"flex needs CUDA and the {m.moe_flex_dispatcher_backend} "
                                                  f"kernels (model.moe_flex_dispatcher_backend), which this host lacks")
-    connections = pf.cuda_device_max_connections
-    if connections is None and cuda and (p.tp > 1 or pf.tp_comm_overlap):
-        connections = 1  # Megatron-LM asserts it for TP on GPUs before Blackwell; harmless after
-    out["cuda_device_max_connections"] = connections
+    out["cuda_device_max_connections"] = cuda_connections(cfg, cuda)
 
     grouped = _choose("model.moe_grouped_gemm", m.moe_grouped_gemm, cuda and te and moe, cuda and te,
                       "CUDA with Transformer Engine (TE's GroupedLinear)", host)

@@ -272,59 +272,42 @@ class SpikeConfig:
 
 @dataclass
 class PerfConfig:
-    """megatron-core's performance settings (pma_train/config/perf.py resolves them once at start).
+    """megatron-core's performance settings; null = auto, decided once for the host by
+    pma_train/config/perf.py (on with CUDA, and TE / apex where megatron-core needs them; off on CPU).
+    The keys, the auto table and their requirements: README (performance settings), docs/performance.md."""
 
-    null = auto: on with CUDA (and Transformer Engine where megatron-core needs it) as Megatron-LM
-    recommends, off on CPU. An explicit true that this host cannot honour is an error naming the key.
-    None of them changes what a step computes, only how fast (FP8 aside: lower-precision GEMMs).
-    """
-
-    # Fusions (TransformerConfig): SwiGLU/GeLU with bias, bias+dropout+add, causal masked softmax
-    # (local spec only: TE's attention has its own), RoPE (needs TE), weight-gradient accumulation
-    # into fp32 main grads (needs TE and apex's fused_weight_gradient_mlp_cuda: the output layer is
-    # megatron-core's own linear).
+    # Fusions (TransformerConfig)
     bias_activation_fusion: Optional[bool] = None
     bias_dropout_fusion: Optional[bool] = None
     masked_softmax_fusion: Optional[bool] = None
     apply_rope_fusion: Optional[bool] = None
     gradient_accumulation_fusion: Optional[bool] = None
-    # Fused vocab-parallel cross entropy: never materialises the fp32 logits' softmax. impl native |
-    # te (Megatron-LM refuses te for stability issues; allowed here on request only).
     cross_entropy_loss_fusion: Optional[bool] = None
-    cross_entropy_fusion_impl: str = "native"
-    # DDP: reduce gradients bucket by bucket during backward, gather the distributed optimizer's
-    # parameters during the next forward. Bucket size in elements; null = megatron-core's
-    # max(40M, 1M x data-parallel size).
+    cross_entropy_fusion_impl: str = "native"  # native | te
+    # DDP overlap; bucket size in elements (null: megatron-core's max(40M, 1M x DP))
     overlap_grad_reduce: Optional[bool] = None
     overlap_param_gather: Optional[bool] = None
     bucket_size: Optional[int] = None
-    # Pipeline: free a stage's output once sent (keeps its .grad_fn only); overlap p2p with compute in
-    # interleaved (vpp) schedules.
+    # Pipeline; CUDA_DEVICE_MAX_CONNECTIONS (null: 1 with TP > 1 on CUDA, as Megatron-LM requires)
     deallocate_pipeline_outputs: Optional[bool] = None
     overlap_p2p_comm: Optional[bool] = None
-    # Set CUDA_DEVICE_MAX_CONNECTIONS before CUDA starts; null = 1 with TP > 1 or tp_comm_overlap
-    # (Megatron-LM requires it there on GPUs before Blackwell), else the environment's.
     cuda_device_max_connections: Optional[int] = None
-    # MoE: fused token permutation (needs TE), router in fp32 | fp64 | param (the params' dtype).
+    # MoE: fused permutation; router dtype fp32 | fp64 | param (the params' dtype)
     moe_permute_fusion: Optional[bool] = None
     moe_router_dtype: Optional[str] = None
-    # FP8 GEMMs (needs CUDA + TE): fp8 null (off) | hybrid (e4m3 forward, e5m2 gradients) | e4m3;
-    # recipe delayed | tensorwise | mxfp8 (Blackwell) | blockwise. FP8 scaling state is stored in the
-    # checkpoints' `_extra_state` entries (docs/performance.md says what pma-merge does with it).
+    # FP8 (CUDA + TE): null | hybrid | e4m3; recipe delayed | tensorwise | mxfp8 | blockwise
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1
-    fp8_amax_compute_algo: str = "most_recent"
+    fp8_amax_compute_algo: str = "most_recent"  # most_recent | max
     fp8_margin: int = 0
-    # Activation recomputation: granularity null | selective (recompute_modules, default core_attn)
-    # | full (method uniform | block, num_layers per unit / per stage).
+    # Activation recomputation: null | selective (modules) | full (method uniform | block, num_layers)
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
     recompute_modules: list[str] = field(default_factory=list)
-    # CUDA graphs: none | local (megatron-core's) | transformer_engine (TE's make_graphed_callables).
+    # CUDA graphs: none | local | transformer_engine; TP comm overlap (TE userbuffers, TP > 1 + SP)
     cuda_graph_impl: str = "none"
-    # Overlap TP communication with GEMMs (TE userbuffers): needs TP > 1, sequence parallel, CUDA + TE.
     tp_comm_overlap: bool = False
 
 

@@ -163,7 +163,8 @@ def build_chunks(cfg: JobConfig, config: TransformerConfig, platform: Platform, 
     """This rank's HybridModel chunks (one, or one per virtual stage), initialised as `config` says."""
     use_te = platform.is_cuda and have_transformer_engine()
     experts = cfg.model.num_experts
-    spec = te_stack_spec(experts, config.moe_grouped_gemm) if use_te else local_stack_spec(experts, config.moe_grouped_gemm)
+    grouped = config.moe_grouped_gemm
+    spec = te_stack_spec(experts, grouped) if use_te else local_stack_spec(experts, grouped)
     vpp = cfg.parallel.vpp
     pattern = staged_pattern(cfg.model, cfg.parallel.pp * (vpp or 1))
     chunks = []

@@ -1,6 +1,7 @@
 """The PMA features of a training run, as callbacks (pma_train/train/hooks.py), in the order the
 trainer calls them: spike injection (a testing aid) and recovery, MoE router metrics, checkpoint
-retention, the tracked merge, TE's CUDA graphs (perf.cuda_graph_impl). Retention runs before the tracker's snapshot of the same save."""
+retention, the tracked merge, TE's CUDA graphs (perf.cuda_graph_impl).
+Retention runs before the tracker's snapshot of the same save."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ class TECudaGraphs(Callback):
             self.helper = TECudaGraphHelper(model=trainer.model, config=config, seq_length=t.seq_length,
                                             micro_batch_size=t.micro_batch_size, optimizers=[trainer.optimizer])
             self.start_iteration = trainer.state.iteration
-        if self.helper.capture_finished() or trainer.state.iteration - self.start_iteration != config.cuda_graph_warmup_steps:
+        warmed_up = trainer.state.iteration - self.start_iteration == config.cuda_graph_warmup_steps
+        if self.helper.capture_finished() or not warmed_up:
             return
         if config.cuda_graph_warmup_steps > 0 and trainer.model[0].ddp_config.overlap_param_gather:
             # The capture runs forwards: their parameter gathers must not be the hooks' (Megatron-LM).
