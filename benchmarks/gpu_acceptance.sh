@@ -104,9 +104,29 @@ s_tiny() {
         row 02 "$model on $DEVICE" "$(verdict $status)" "$figures; tokens/s $($CHECK metric "$run" train tokens_per_s)"
     done
     [ "$DRY" = 1 ] && gpu_only 02 "tiny_moe on cuda/nccl" "MoE on the CPU: tests/test_moe.py"
+    s_perf_resolved
     if [ "$DRY" = 1 ]; then gpu_only 02 "TE spec in use" "Transformer Engine runs on GPUs only"
     elif [ -f "$WORK/have_te" ]; then row 02 "TE spec in use" "see log" "HAVE_TE True"
     else skip 02 "TE spec, TE optimizer resume" "no Transformer Engine"; fi
+}
+
+# The performance settings the banner says were resolved (docs/performance.md): none on CPU; on CUDA
+# at least the fusions and DDP overlap that need no TE / apex, and with TE its RoPE fusion (tiny) and
+# grouped GEMM (tiny_moe).
+s_perf_resolved() {
+    local line setting status=0 want=(bias_dropout_fusion overlap_grad_reduce)
+    line=$(grep -m1 "^perf:" "$OUT/logs/tiny.log" | tr '|' ';')
+    if [ "$DRY" = 1 ]; then
+        [ "$line" = "perf: on: none" ] || status=1
+        row 02 "perf settings resolved (CPU: all off)" "$(verdict $status)" "${line:-no perf line}"
+        return
+    fi
+    [ -f "$WORK/have_te" ] && want+=(apply_rope_fusion)
+    for setting in "${want[@]}"; do echo "$line" | grep -q "$setting" || status=1; done
+    if [ -f "$WORK/have_te" ]; then
+        grep -m1 "^perf:" "$OUT/logs/tiny_moe.log" | grep -q "moe_permute_fusion.*moe_grouped_gemm" || status=1
+    fi
+    row 02 "perf settings resolved (CUDA: on)" "$(verdict $status)" "${line:-no perf line}"
 }
 
 # 3. initial weights: the GPU build equals the CPU build (parameters cast to the GPU's dtype)

@@ -8,7 +8,7 @@ import sys
 
 from tests import launch
 
-CPU_CHECKS = ["environment", "tiny on cpu/gloo", "stop at 4 + resume = uninterrupted", "pma-merge of cpu/gloo checkpoints",
+CPU_CHECKS = ["environment", "tiny on cpu/gloo", "perf settings resolved (CPU: all off)", "stop at 4 + resume = uninterrupted", "pma-merge of cpu/gloo checkpoints",
               "PMA-init from the merge", "annealing branch from 6 to 8", "spike recovery"]
 GPU_CHECKS = ["tiny_moe on cuda/nccl", "initial weights: GPU build = CPU build", "GPU checkpoint resumes on CPU",
               "CPU checkpoint resumes on GPU", "TP=2 / DP=2 on two GPUs", "dense_411m-shaped performance table"]
