@@ -29,6 +29,7 @@ CUDA_TE = Host(cuda=True, te=True, wgrad_kernel=True)
     ({"perf__cross_entropy_fusion_impl": "apex"}, 1, "perf.cross_entropy_fusion_impl"),
     ({"perf__bucket_size": 0}, 1, "perf.bucket_size"),
     ({"perf__overlap_param_gather": True, "parallel__use_distributed_optimizer": False}, 1, "perf.overlap_param_gather"),
+    ({"perf__overlap_param_gather": True, "perf__overlap_grad_reduce": False}, 1, "perf.overlap_param_gather"),
     ({"perf__overlap_p2p_comm": True}, 1, "perf.overlap_p2p_comm"),           # not interleaved
     ({"perf__cuda_device_max_connections": 0}, 1, "perf.cuda_device_max_connections"),
     ({"perf__bias_activation_fusion": True, "model__activation": "gelu"}, 1, "perf.bias_activation_fusion"),
@@ -116,7 +117,8 @@ def test_everything_is_off_on_cpu_and_the_banner_says_so():
 def test_explicit_overrides_win_and_what_a_host_lacks_is_named():
     cfg = JobConfig()
     cfg.perf.overlap_grad_reduce, cfg.perf.bucket_size = False, 1 << 20
-    assert resolve(cfg, CUDA_TE).perf.overlap_grad_reduce is False
+    resolved_ = resolve(cfg, CUDA_TE).perf
+    assert resolved_.overlap_grad_reduce is False and resolved_.overlap_param_gather is False  # follows it
     for name, value, host in [("perf.apply_rope_fusion", True, CUDA), ("perf.bias_dropout_fusion", True, CPU),
                               ("perf.gradient_accumulation_fusion", True, Host(cuda=True, te=True)),
                               ("perf.fp8", "hybrid", CUDA), ("perf.cuda_graph_impl", "local", CPU),

@@ -115,6 +115,8 @@ def _check_perf(cfg: JobConfig) -> None:
     if pf.overlap_param_gather and not p.use_distributed_optimizer:
         _fail("perf.overlap_param_gather", "gathers the distributed optimizer's parameters: needs "
                                            "parallel.use_distributed_optimizer=true")
+    if pf.overlap_param_gather and pf.overlap_grad_reduce is False:
+        _fail("perf.overlap_param_gather", "needs perf.overlap_grad_reduce (Megatron-LM refuses one without the other)")
     if pf.overlap_p2p_comm and p.vpp is None:
         _fail("perf.overlap_p2p_comm", "overlaps the interleaved pipeline schedule's p2p: needs parallel.vpp")
     if pf.cuda_device_max_connections is not None and not pf.cuda_device_max_connections >= 1:

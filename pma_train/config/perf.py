@@ -79,6 +79,7 @@ def resolve(cfg: JobConfig, host: Host) -> JobConfig:
         return _choose(f"perf.{name}", getattr(pf, name), auto, can, needs, host)
 
     gated_or_bias = m.activation == "swiglu" or m.add_bias_linear
+    grad = choose("overlap_grad_reduce", cuda, cuda, "CUDA")
     out = dict(
         # megatron-core fuses bias+activation for SwiGLU, and for GeLU only with a bias to fuse.
         bias_activation_fusion=choose("bias_activation_fusion", cuda and gated_or_bias, cuda, "CUDA"),
@@ -92,8 +93,9 @@ def resolve(cfg: JobConfig, host: Host) -> JobConfig:
         gradient_accumulation_fusion=choose("gradient_accumulation_fusion", cuda, cuda and host.wgrad_kernel,
                                             "CUDA with apex's fused_weight_gradient_mlp_cuda"),
         cross_entropy_loss_fusion=choose("cross_entropy_loss_fusion", cuda, cuda, "CUDA"),
-        overlap_grad_reduce=choose("overlap_grad_reduce", cuda, cuda, "CUDA"),
-        overlap_param_gather=choose("overlap_param_gather", cuda and p.use_distributed_optimizer, cuda, "CUDA"),
+        overlap_grad_reduce=grad,
+        # Megatron-LM: only with the distributed optimizer, and with overlap_grad_reduce.
+        overlap_param_gather=choose("overlap_param_gather", cuda and p.use_distributed_optimizer and grad, cuda, "CUDA"),
         deallocate_pipeline_outputs=choose("deallocate_pipeline_outputs", cuda, cuda, "CUDA"),
         # Megatron-LM: overlapped p2p is the interleaved schedule's; other schedules ignore it.
         overlap_p2p_comm=choose("overlap_p2p_comm", cuda and p.vpp is not None, cuda, "CUDA"),
