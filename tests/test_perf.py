@@ -54,6 +54,8 @@ CUDA_TE = Host(cuda=True, te=True, wgrad_kernel=True)
     ({"perf__recompute_granularity": "selective", "perf__recompute_modules": ["attention"]}, 1,
      "perf.recompute_modules"),
     ({"perf__recompute_granularity": "selective", "perf__recompute_modules": ["moe"]}, 1, "perf.recompute_modules"),
+    ({"perf__recompute_granularity": "selective", "perf__recompute_modules": ["layernorm"], "perf__fp8": "hybrid"}, 1,
+     "perf.recompute_modules"),                                               # FP8 delayed scaling
     ({"perf__cuda_graph_impl": "full_iteration"}, 1, "perf.cuda_graph_impl"),
     ({"perf__cuda_graph_impl": "local", "perf__recompute_granularity": "full", "perf__recompute_method": "uniform",
       "perf__recompute_num_layers": 1}, 1, "perf.cuda_graph_impl"),

@@ -160,6 +160,9 @@ def _check_perf(cfg: JobConfig) -> None:
     if g == "selective" and {"moe", "moe_act", "shared_experts"} & set(pf.recompute_modules) and not m.num_experts:
         _fail("perf.recompute_modules", f"{pf.recompute_modules} name MoE modules, and the model has no experts")
 
+    if g == "selective" and pf.fp8 and pf.fp8_recipe == "delayed" and {"moe_act", "layernorm"} & set(pf.recompute_modules):
+        _fail("perf.recompute_modules", "megatron-core cannot recompute moe_act / layernorm under FP8 delayed scaling "
+                                        "(perf.fp8_recipe=tensorwise can)")
     _one_of("perf.cuda_graph_impl", pf.cuda_graph_impl, ("none", "local", "transformer_engine"))
     if pf.cuda_graph_impl != "none" and g == "full":
         _fail("perf.cuda_graph_impl", "megatron-core captures no graph of a fully recomputed layer: "
