@@ -52,8 +52,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(parallel: ParallelConfig, platform: Platform, seed: int) -> None:
-    """Start (or reuse) the default process group and megatron-core's parallel groups on `platform`."""
+def set_cuda_device_max_connections(value: int | None, explicit: bool) -> None:
+    """Set CUDA_DEVICE_MAX_CONNECTIONS (read when CUDA starts: call before the process group and any
+    CUDA work). An environment that says otherwise is an error unless the value was set explicitly
+    (perf.cuda_device_max_connections): the automatic value is one megatron-core's TP overlap needs."""
+    if value is None:
+        return
+    current = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if current is not None and current != str(value) and not explicit:
+        from pma_train.config import ConfigError
+
+        raise ConfigError(f"perf.cuda_device_max_connections: the environment sets CUDA_DEVICE_MAX_CONNECTIONS="
+                          f"{current}, and megatron-core needs {value} here (TP > 1 or TP communication "
+                          f"overlap); unset it, or set perf.cuda_device_max_connections={current} to keep it")
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = str(value)
+
+
+def init_distributed(parallel: ParallelConfig, platform: Platform, seed: int, te_rng_tracker: bool = False) -> None:
+    """Start (or reuse) the default process group and megatron-core's parallel groups on `platform`.
+
+    te_rng_tracker: Transformer Engine's RNG tracker (CUDA graphs need it)."""
     from megatron.core import parallel_state
 
     for name in _QUIET_LOGGERS:
@@ -66,14 +84,14 @@ def init_distributed(parallel: ParallelConfig, platform: Platform, seed: int) ->
         virtual_pipeline_model_parallel_size=parallel.vpp,
         expert_model_parallel_size=parallel.ep,
     )
-    seed_everything(seed)
+    seed_everything(seed, te_rng_tracker)
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, te_rng_tracker: bool = False) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     seed_host(seed)
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, te_rng_tracker=te_rng_tracker)
 
 
 def seed_host(seed: int) -> None:

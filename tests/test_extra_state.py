@@ -142,6 +142,8 @@ def test_a_missing_weight_is_named_before_loading(work):
 
 
 def test_merge_copies_extra_state_of_the_newest_input(work):
+    """FP8 scaling state is real state: the merge takes every `_extra_state` entry from the newest input,
+    unaveraged (the inputs' FP8-like payloads differ: iteration 4's and 6's), docs/performance.md says why."""
     code, output = work["merged"]
     assert code == 0, output[-4000:]
     merged = _stored_objects(work["base"] / "merged" / layout.iter_dir_name(6))

@@ -8,7 +8,7 @@ import sys
 
 from tests import launch
 
-CPU_CHECKS = ["environment", "tiny on cpu/gloo", "stop at 4 + resume = uninterrupted", "pma-merge of cpu/gloo checkpoints",
+CPU_CHECKS = ["environment", "tiny on cpu/gloo", "perf settings resolved (CPU: all off)", "stop at 4 + resume = uninterrupted", "pma-merge of cpu/gloo checkpoints",
               "PMA-init from the merge", "annealing branch from 6 to 8", "spike recovery"]
 GPU_CHECKS = ["tiny_moe on cuda/nccl", "initial weights: GPU build = CPU build", "GPU checkpoint resumes on CPU",
               "CPU checkpoint resumes on GPU", "TP=2 / DP=2 on two GPUs", "dense_411m-shaped performance table"]
@@ -35,5 +35,5 @@ def test_dry_mode_runs_every_cpu_check_and_lists_the_gpu_ones(tmp_path):
     assert "max train-loss difference 0.0" in table
     # The initial-weights comparison ran (on the CPU build against itself) and found every tensor.
     assert "tensors equal (float32->float32)" in table
-    assert "Performance settings not available yet:" in table
+    assert "Performance settings not toggled in this table:" in table
     assert (out / "logs" / "spike.log").stat().st_size > 0 and (out / "gpu_acceptance.log").stat().st_size > 0

@@ -17,6 +17,7 @@ from pma_train.config.schema import (  # noqa: F401
     LoggingConfig,
     TrackConfig,
     SpikeConfig,
+    PerfConfig,
     RunConfig,
     JobConfig,
     EvalConfig,

@@ -43,8 +43,12 @@ class ModelConfig:
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_aux_loss_coeff: float = 1e-2
     moe_z_loss_coeff: Optional[float] = None
+    # allgather | alltoall | flex (flex: DeepEP / HybridEP kernels, CUDA only; backend below)
     moe_token_dispatcher_type: str = "alltoall"
-    moe_grouped_gemm: bool = False
+    moe_flex_dispatcher_backend: str = "deepep"
+    # Experts as one grouped GEMM (TE's GroupedLinear); null = on with CUDA + Transformer Engine.
+    # Checkpoints are the same either way (megatron-core stores grouped experts per expert).
+    moe_grouped_gemm: Optional[bool] = None
     moe_capacity_factor: Optional[float] = None
     moe_router_load_balancing_type: str = "aux_loss"
     # Free text: how the parameter count of a preset comes out.
@@ -267,6 +271,47 @@ class SpikeConfig:
 
 
 @dataclass
+class PerfConfig:
+    """megatron-core's performance settings; null = auto, decided once for the host by
+    pma_train/config/perf.py (on with CUDA, and TE / apex where megatron-core needs them; off on CPU).
+    The keys, the auto table and their requirements: README (performance settings), docs/performance.md."""
+
+    # Fusions (TransformerConfig)
+    bias_activation_fusion: Optional[bool] = None
+    bias_dropout_fusion: Optional[bool] = None
+    masked_softmax_fusion: Optional[bool] = None
+    apply_rope_fusion: Optional[bool] = None
+    gradient_accumulation_fusion: Optional[bool] = None
+    cross_entropy_loss_fusion: Optional[bool] = None
+    cross_entropy_fusion_impl: str = "native"  # native | te
+    # DDP overlap; bucket size in elements (null: megatron-core's max(40M, 1M x DP))
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
+    bucket_size: Optional[int] = None
+    # Pipeline; CUDA_DEVICE_MAX_CONNECTIONS (null: 1 with TP > 1 on CUDA, as Megatron-LM requires)
+    deallocate_pipeline_outputs: Optional[bool] = None
+    overlap_p2p_comm: Optional[bool] = None
+    cuda_device_max_connections: Optional[int] = None
+    # MoE: fused permutation; router dtype fp32 | fp64 | param (the params' dtype)
+    moe_permute_fusion: Optional[bool] = None
+    moe_router_dtype: Optional[str] = None
+    # FP8 (CUDA + TE): null | hybrid | e4m3; recipe delayed | tensorwise | mxfp8 | blockwise
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"  # most_recent | max
+    fp8_margin: int = 0
+    # Activation recomputation: null | selective (modules) | full (method uniform | block, num_layers)
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    recompute_modules: list[str] = field(default_factory=list)
+    # CUDA graphs: none | local | transformer_engine; TP comm overlap (TE userbuffers, TP > 1 + SP)
+    cuda_graph_impl: str = "none"
+    tp_comm_overlap: bool = False
+
+
+@dataclass
 class RunConfig:
     dir: str = "runs/${model.name}-${now:%Y%m%d-%H%M%S}"
     name: str = "${model.name}"
@@ -285,6 +330,7 @@ class JobConfig:
     track: TrackConfig = field(default_factory=TrackConfig)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     seed: int = 1234
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 @dataclass

@@ -350,6 +350,9 @@ def _copy_exact(reader: ChunkReader, entry: TensorEntry, piece: Piece, out: torc
 def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors, summary: MergeSummary) -> None:
     """Rank 0: non-tensor entries from the newest input, global metadata, provenance, publish."""
     newest, newest_index = request.inputs[-1], indexes[-1]
+    # Byte entries are not averaged: TE's `_extra_state` (with FP8: amax histories and scales) is a
+    # running statistic of recent activations, closest to the merged weights in the newest input
+    # (docs/performance.md); an average of histories would be nobody's.
     reader, writer = ChunkReader(), ChunkWriter(tmp, "__0_1.distcp")
     for stored in newest_index.bytes:
         if is_optimizer_key(stored.index.fqn) and not request.carry_optimizer:

@@ -9,8 +9,15 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 from megatron.core.transformer import TransformerConfig
 
 from pma_train.config import JobConfig, ModelConfig
+from pma_train.config.perf import is_resolved, resolve
 from pma_train.model.init import initialise_layout_invariant
-from pma_train.model.spec import have_transformer_engine, local_final_norm, local_stack_spec, te_stack_spec
+from pma_train.model.spec import (
+    detect_host,
+    have_transformer_engine,
+    local_final_norm,
+    local_stack_spec,
+    te_stack_spec,
+)
 from pma_train.platform import Platform
 
 
@@ -35,7 +42,46 @@ def params_dtype(cfg: JobConfig, platform: Platform) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def resolved(cfg: JobConfig, platform: Platform) -> JobConfig:
+    """cfg with its `perf` settings decided for this host (once per job: build() does it first)."""
+    return cfg if is_resolved(cfg) else resolve(cfg, detect_host(platform.is_cuda))
+
+
+def perf_kwargs(cfg: JobConfig, platform: Platform) -> dict:
+    """TransformerConfig's fields for the (resolved) `perf` settings."""
+    pf = cfg.perf
+    return dict(
+        bias_activation_fusion=pf.bias_activation_fusion,
+        bias_dropout_fusion=pf.bias_dropout_fusion,
+        masked_softmax_fusion=pf.masked_softmax_fusion,
+        apply_rope_fusion=pf.apply_rope_fusion,
+        gradient_accumulation_fusion=pf.gradient_accumulation_fusion,
+        cross_entropy_loss_fusion=pf.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=pf.cross_entropy_fusion_impl,
+        deallocate_pipeline_outputs=pf.deallocate_pipeline_outputs,
+        overlap_p2p_comm=pf.overlap_p2p_comm,
+        # Batched p2p and overlapped p2p exclude each other (megatron-core); gloo pairs batched p2p
+        # ops wrongly when both neighbours are one peer (interleaved PP).
+        batch_p2p_comm=platform.backend != "gloo" and not pf.overlap_p2p_comm,
+        tp_comm_overlap=pf.tp_comm_overlap,
+        fp8=pf.fp8,
+        fp8_recipe=pf.fp8_recipe,
+        fp8_amax_history_len=pf.fp8_amax_history_len,
+        fp8_amax_compute_algo=pf.fp8_amax_compute_algo,
+        fp8_margin=pf.fp8_margin,
+        recompute_granularity=pf.recompute_granularity,
+        recompute_method=pf.recompute_method,
+        recompute_num_layers=pf.recompute_num_layers,
+        recompute_modules=list(pf.recompute_modules) or None,  # None: megatron-core's default, core_attn
+        cuda_graph_impl=pf.cuda_graph_impl,
+        # Graph capture needs TE's RNG tracker (Megatron-LM turns it on for CUDA graphs too).
+        use_te_rng_tracker=pf.cuda_graph_impl != "none",
+        persist_layer_norm=False,
+    )
+
+
 def transformer_config(cfg: JobConfig, platform: Platform) -> TransformerConfig:
+    cfg = resolved(cfg, platform)
     m, p = cfg.model, cfg.parallel
     dtype = params_dtype(cfg, platform)
     moe = {}
@@ -48,7 +94,10 @@ def transformer_config(cfg: JobConfig, platform: Platform) -> TransformerConfig:
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_z_loss_coeff=m.moe_z_loss_coeff,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
-            moe_grouped_gemm=m.moe_grouped_gemm and platform.is_cuda,
+            moe_flex_dispatcher_backend=m.moe_flex_dispatcher_backend,
+            moe_grouped_gemm=m.moe_grouped_gemm,
+            moe_permute_fusion=cfg.perf.moe_permute_fusion,
+            moe_router_dtype=None if cfg.perf.moe_router_dtype == "param" else cfg.perf.moe_router_dtype,
             moe_expert_capacity_factor=m.moe_capacity_factor,
             moe_router_load_balancing_type=m.moe_router_load_balancing_type,
         )
@@ -78,16 +127,7 @@ def transformer_config(cfg: JobConfig, platform: Platform) -> TransformerConfig:
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
-        # gloo pairs batched p2p ops wrongly when both neighbours are one peer (interleaved PP).
-        batch_p2p_comm=platform.backend != "gloo",
-        # Fused kernels need TE / apex / CUDA.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
+        **perf_kwargs(cfg, platform),
         **moe,
     )
 
@@ -122,7 +162,9 @@ def _leave_matrices_to_us(config: TransformerConfig) -> None:
 def build_chunks(cfg: JobConfig, config: TransformerConfig, platform: Platform, vocab_size: int) -> list[HybridModel]:
     """This rank's HybridModel chunks (one, or one per virtual stage), initialised as `config` says."""
     use_te = platform.is_cuda and have_transformer_engine()
-    spec = te_stack_spec() if use_te else local_stack_spec(cfg.model.num_experts, config.moe_grouped_gemm)
+    experts = cfg.model.num_experts
+    grouped = config.moe_grouped_gemm
+    spec = te_stack_spec(experts, grouped) if use_te else local_stack_spec(experts, grouped)
     vpp = cfg.parallel.vpp
     pattern = staged_pattern(cfg.model, cfg.parallel.pp * (vpp or 1))
     chunks = []

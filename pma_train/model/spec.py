@@ -27,6 +27,30 @@ def have_transformer_engine() -> bool:
     return bool(HAVE_TE)
 
 
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # a missing or broken build: either way the kernel cannot be used
+        return False
+    return True
+
+
+def detect_host(is_cuda: bool):
+    """What this host offers the `perf` settings (pma_train/config/perf.py). CPU hosts import nothing."""
+    from pma_train.config.perf import CPU, Host
+
+    if not is_cuda:
+        return CPU
+    from megatron.core.transformer.moe import fused_a2a
+
+    flex = frozenset(name for name, have in (("deepep", fused_a2a.HAVE_DEEP_EP), ("hybridep", fused_a2a.HAVE_HYBRIDEP))
+                     if have)
+    return Host(cuda=True, te=have_transformer_engine(), wgrad_kernel=_importable("fused_weight_gradient_mlp_cuda"),
+                softmax_kernel=_importable("scaled_upper_triang_masked_softmax_cuda"), flex_backends=flex)
+
+
 @contextlib.contextmanager
 def local_final_norm(needed: bool = True) -> Iterator[None]:
     """HybridStack builds its final norm from TE's TENorm whatever the spec says; without a usable
@@ -45,10 +69,21 @@ def local_final_norm(needed: bool = True) -> Iterator[None]:
         hybrid_block.TENorm = te_norm
 
 
-def te_stack_spec() -> ModuleSpec:
+def te_stack_spec(num_experts: int | None = None, moe_grouped_gemm: bool = True) -> ModuleSpec:
+    """megatron-core's TE hybrid spec, whose MoE layer always builds grouped-GEMM experts: with
+    moe_grouped_gemm=False, the MoE layer gets TE's per-expert linears (SequentialMLP) instead.
+    Both store experts under the same checkpoint keys (megatron-core maps grouped to per-expert)."""
+    from dataclasses import replace
+
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
     from megatron.core.models.hybrid.hybrid_layer_specs import hybrid_stack_spec
 
-    return hybrid_stack_spec
+    if not num_experts or moe_grouped_gemm:
+        return hybrid_stack_spec
+    moe_layer = hybrid_stack_spec.submodules.moe_layer
+    mlp = get_moe_module_spec(use_te=True, num_experts=num_experts, moe_grouped_gemm=False)
+    moe_layer = replace(moe_layer, submodules=replace(moe_layer.submodules, mlp=mlp))
+    return replace(hybrid_stack_spec, submodules=replace(hybrid_stack_spec.submodules, moe_layer=moe_layer))
 
 
 def local_stack_spec(num_experts: int | None = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
@@ -89,3 +124,21 @@ def local_stack_spec(num_experts: int | None = None, moe_grouped_gemm: bool = Fa
     if moe_layer is not None:
         submodules.moe_layer = moe_layer
     return ModuleSpec(module=HybridStack, submodules=submodules)
+
+
+def initialize_userbuffers(cfg) -> None:
+    """Transformer Engine's userbuffers for perf.tp_comm_overlap, sized for one micro-batch's
+    sequence-parallel activations, as Megatron-LM's initialize does (after the process groups,
+    before the model)."""
+    import inspect
+
+    from transformer_engine.pytorch import module as te_module
+
+    shape = [cfg.train.seq_length * cfg.train.micro_batch_size, cfg.model.hidden_size]
+    kwargs = dict(shape=shape, tp_size=cfg.parallel.tp, ub_cfgs={}, bootstrap_backend="nccl")
+    if "quantization_modes" in inspect.signature(te_module.base.initialize_ub).parameters:  # TE >= 2.7
+        modes = te_module.base.UserBufferQuantizationMode
+        kwargs["quantization_modes"] = [modes.FP8 if cfg.perf.fp8 else modes.NONE]
+    else:
+        kwargs["use_fp8"] = cfg.perf.fp8 is not None
+    te_module.base.initialize_ub(**kwargs)

@@ -1,12 +1,14 @@
 """The PMA features of a training run, as callbacks (pma_train/train/hooks.py), in the order the
 trainer calls them: spike injection (a testing aid) and recovery, MoE router metrics, checkpoint
-retention, the tracked merge. Retention runs before the tracker's snapshot of the same save."""
+retention, the tracked merge, TE's CUDA graphs (perf.cuda_graph_impl).
+Retention runs before the tracker's snapshot of the same save."""
 
 from __future__ import annotations
 
 from pma_train.checkpoint import async_save
 from pma_train.checkpoint.retention import prune
 from pma_train.config import JobConfig, track_spacing_iters
+from pma_train.train.cuda_graphs import TECudaGraphs
 from pma_train.train.hooks import Callback
 from pma_train.train.moe_metrics import MoEMetrics
 from pma_train.train.spike import SpikeInjection, SpikeRecovery
@@ -45,4 +47,6 @@ def build_callbacks(cfg: JobConfig, model) -> list[Callback]:
         callbacks.append(Retention(cfg))
     if cfg.track.enabled:
         callbacks.append(TrackedMerge(cfg, model))
+    if cfg.perf.cuda_graph_impl == "transformer_engine":
+        callbacks.append(TECudaGraphs())
     return callbacks

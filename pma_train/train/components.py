@@ -18,10 +18,13 @@ from pma_train.checkpoint import layout, rng
 from pma_train.checkpoint.lock import acquire_on_rank0
 from pma_train.checkpoint.state import TrainState
 from pma_train.config import JobConfig, validate
+from pma_train.config.perf import cuda_connections
 from pma_train.data import EvalIterator, MicroBatchIterator, build_datasets, build_tokenizer
 from pma_train.metrics import MetricsLogger
 from pma_train.model import build_model, padded_vocab_size
-from pma_train.parallel import init_distributed
+from pma_train.model.build import resolved
+from pma_train.model.spec import initialize_userbuffers
+from pma_train.parallel import init_distributed, set_cuda_device_max_connections
 from pma_train.schedule import build_annealing_branch, build_scheduler
 from pma_train.train.checkpointer import Checkpointer
 from pma_train.train.optim import build_optimizer, wrap_ddp
@@ -69,8 +72,14 @@ class Components:
 def build(cfg: JobConfig, *, training: bool = True) -> Components:
     validate(cfg)  # before any process group: bad input fails fast and touches nothing
     platform = platform_mod.detect(cfg.parallel.backend)
-    init_distributed(cfg.parallel, platform, cfg.seed)
+    # Before anything may start CUDA (detecting Transformer Engine imports it).
+    set_cuda_device_max_connections(cuda_connections(cfg, platform.is_cuda),
+                                    explicit=cfg.perf.cuda_device_max_connections is not None)
+    cfg = resolved(cfg, platform)  # the perf settings for this host, or an error naming the key
+    init_distributed(cfg.parallel, platform, cfg.seed, te_rng_tracker=cfg.perf.cuda_graph_impl != "none")
     cfg = _same_config_on_all_ranks(cfg)
+    if cfg.perf.tp_comm_overlap:
+        initialize_userbuffers(cfg)
     return _build_training(cfg, platform) if training else _build_evaluation(cfg, platform)
 
 

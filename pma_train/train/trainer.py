@@ -3,6 +3,7 @@ with the PMA features joining in through callbacks (pma_train/train/callbacks.py
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from pma_train.checkpoint import async_save, rng
 from pma_train.checkpoint.state import TrainState
 from pma_train.config import JobConfig
+from pma_train.config.perf import summary as perf_summary
 from pma_train.model.flops import model_flops_per_token
 from pma_train.train.callbacks import build_callbacks
 from pma_train.train.components import build
 from pma_train.train.flops import peak_flops_per_gpu
+from pma_train.train.optim import parameters_in_sync
 from pma_train.train.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from pma_train.train.step import DataTimer, PhaseTimer, make_forward_step, reduce_lm_loss, validation_loss
 
@@ -56,6 +59,7 @@ class Trainer:
         self.peak_flops = peak_flops_per_gpu(self.platform.device, config.bf16 or config.fp16)
         self.train_seconds = 0.0
         self.stop_signals = StopSignals([])  # installed while train() runs
+        self._in_sync = False  # inside _parameters_gathered()
         self.callbacks = build_callbacks(self.cfg, self.model)
         with rng.preserved():  # e.g. the tracker reloading grid checkpoints restores their RNG states
             self._call("on_resume", rewound=False)
@@ -139,14 +143,30 @@ class Trainer:
         return StepResult(loss, float(grad_norm or 0.0), lr, not updated, {"data": self.data_timer.pop()}, stop)
 
     def evaluate(self) -> float:
-        loss = validation_loss(self.parts, self.forward_step)
+        with self._parameters_gathered():
+            loss = validation_loss(self.parts, self.forward_step)
         self.data_timer.pop()  # the eval batches' wait is not training's
         return loss
 
     def save(self) -> Path:
-        path = self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
-        self._call("after_save", path)
+        with self._parameters_gathered():  # the checkpoint and the callbacks' snapshots see whole parameters
+            path = self.checkpointer.save(self.model, self.optimizer, self.scheduler, self.state)
+            self._call("after_save", path)
         return path
+
+    @contextlib.contextmanager
+    def _parameters_gathered(self):
+        """Whole parameters in the model (perf.overlap_param_gather defers their gather to the next
+        forward); once, however deep the calls nest (a tracked merge evaluates inside after_eval)."""
+        if self._in_sync:
+            yield
+            return
+        self._in_sync = True
+        try:
+            with parameters_in_sync(self.model):
+                yield
+        finally:
+            self._in_sync = False
 
     def rewind(self, state: TrainState) -> None:
         """Go on from an earlier state (a spike recovery loaded it into the model): the data from its
@@ -197,6 +217,7 @@ class Trainer:
                        f"{dist.get_world_size()} = tp {p.tp} x pp {p.pp}{f' (vpp {p.vpp})' if p.vpp else ''} x dp "
                        f"{parallel_state.get_data_parallel_world_size()} (ep {p.ep}) | {self.platform.device.type}/{self.platform.backend} | "
                        f"start iteration {self.state.iteration} | run dir {self.run_dir}")
+        self.log.print(perf_summary(self.cfg))
         for line in self.parts.notes:
             self.log.print(line)
 
