@@ -161,6 +161,10 @@ def test_cli_names_what_the_host_lacks_before_starting(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "configuration error: perf.fp8: FP8 needs CUDA with Transformer Engine, and this is a CPU host" in proc.stderr
     assert not (tmp_path / "run").exists()
+    # pma-eval builds the same model: the same refusal, before it reads a checkpoint.
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.eval", "perf.fp8=hybrid", f"checkpoints=[{tmp_path}]"],
+                          cwd=launch.REPO, env=test_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pma-eval: error: perf.fp8: FP8 needs CUDA" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_resolved_values_reach_megatron_configs():

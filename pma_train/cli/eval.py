@@ -10,9 +10,11 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pma_train.checkpoint.layout import CheckpointError, check_loadable
+from pma_train.cli.common import check_perf_for_host
 from pma_train.cli.quiet import quiet_third_party
 from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError, EvalConfig, validate
+from pma_train.platform import PlatformError, check_devices
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
@@ -26,9 +28,11 @@ def _run(node: DictConfig) -> None:
             raise ConfigError(f"train.eval_iters: pma-eval needs at least 1, got {cfg.train.eval_iters}")
         if not cfg.checkpoints:
             raise ConfigError("checkpoints: give at least one checkpoint, e.g. 'checkpoints=[ckpt/run1]'")
+        check_devices(cfg.parallel.backend)
+        check_perf_for_host(cfg)
         for path in cfg.checkpoints:
             check_loadable(path)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, PlatformError) as err:
         print(f"pma-eval: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     import torch.distributed as dist

@@ -14,6 +14,7 @@ from pma_train.checkpoint.origin import check_restart_of_init_run
 from pma_train.cli.quiet import quiet_third_party
 from pma_train.conf import CONF_DIR, register_configs
 from pma_train.config import ConfigError, JobConfig, check_output_dirs, to_job_config, validate
+from pma_train.cli.common import check_perf_for_host
 from pma_train.platform import PlatformError, check_devices
 
 
@@ -62,27 +63,6 @@ def _check_init_merge(job: JobConfig) -> None:
             check_loadable(info.path)
     except (SelectionError, CheckpointError) as err:
         raise CheckpointError(f"checkpoint.init_merge: {err}") from None
-
-
-def check_perf_for_host(job: JobConfig) -> None:
-    """The perf settings this host cannot honour, named before anything starts (training resolves them
-    again, pma_train/train/components.py); on CUDA, CUDA_DEVICE_MAX_CONNECTIONS is set first. A CPU
-    host decides without importing megatron-core."""
-    import torch
-
-    from pma_train.config.perf import CPU, resolve
-
-    if torch.cuda.is_available():  # as platform.detect decides
-        from pma_train.config.perf import cuda_connections
-        from pma_train.model.spec import detect_host
-        from pma_train.parallel import set_cuda_device_max_connections
-
-        # Before Transformer Engine's import (detect_host) may start CUDA.
-        set_cuda_device_max_connections(cuda_connections(job, True),
-                                        explicit=job.perf.cuda_device_max_connections is not None)
-        resolve(job, detect_host(True))
-    else:
-        resolve(job, CPU)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
