@@ -93,3 +93,24 @@ def test_no_import_cycles():
         packages.setdefault(package_of(name), set()).update(
             package_of(t) for t in targets if package_of(t) != package_of(name))
     assert cycles(packages) == [], "a package imports one that imports it back (docs/design.md)"
+
+
+OURS = ("pma_train", "tests", "benchmarks")
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from <our module> import _name`: a helper private to one module, used by another."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in OURS):
+            found += [f"{path.relative_to(REPO)}:{node.lineno} {alias.name}" for alias in node.names
+                      if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_private_helper_is_imported_across_modules():
+    # One home per concept (docs/design.md): a helper another module needs is public in its home.
+    files = [p for top in OURS for p in (REPO / top).rglob("*.py")]
+    assert len(files) > 100 and private_imports(PACKAGE / "cli" / "train.py") == []
+    assert [f for p in files for f in private_imports(p)] == []
+

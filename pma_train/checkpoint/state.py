@@ -49,11 +49,11 @@ def _model_key(index: int, count: int) -> str:
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     # A fresh dict per call: megatron caches the current data-parallel group in it (in place).
-    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict(metadata=dict(SHARDED_METADATA))
+    return {_model_key(i, len(chunks)): unwrap(c).sharded_state_dict(metadata=dict(SHARDED_METADATA))
             for i, c in enumerate(chunks)}
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     # Sharded keys come from the bare model: the DDP wrapper would add 'module.'.
     return getattr(chunk, "module", chunk)
 
@@ -63,7 +63,7 @@ def build_state_dict(chunks, optimizer, scheduler, train_state: TrainState, args
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         if is_loading or not _optimizer_has_state(optimizer):
-            _init_optimizer_state(optimizer)
+            init_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                           metadata=optimizer_format.sharded_metadata(optim_format))
     if scheduler is not None:
@@ -95,7 +95,7 @@ def _torch_adam() -> bool:
     return bool(USING_PYTORCH_OPTIMIZER)
 
 
-def _init_optimizer_state(optimizer, per_param_step: bool | None = None) -> None:
+def init_optimizer_state(optimizer, per_param_step: bool | None = None) -> None:
     """Create the moments Adam makes lazily at its first step: the sharded state dict needs them
     (saving before any step, or loading into a fresh optimizer). torch's Adam also keeps a
     per-parameter `step`; TE's / apex's FusedAdam keep it in the param group, and a per-parameter one
@@ -115,7 +115,7 @@ def _init_optimizer_state(optimizer, per_param_step: bool | None = None) -> None
                     state.setdefault("step", torch.tensor(0.0))
 
 
-def _integer_group_steps(optimizer) -> None:
+def integer_group_steps(optimizer) -> None:
     # FusedAdam counts steps in the param group as an int; a checkpoint written with torch's Adam
     # (e.g. on CPU) records it as a float.
     for inner in _inner_optimizers(optimizer):
@@ -160,7 +160,7 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def _write_results_in_process() -> None:
+def write_results_in_process() -> None:
     """megatron-core's checkpoint writer hands its results back through a multiprocessing Manager
     queue, started at the first save: a spawned server process (~575 MB, it re-imports the entry
     point) that nothing stops when the job is killed. A synchronous save writes from this process's
@@ -198,7 +198,7 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     if rank == 0:
         tmp.mkdir()
     dist.barrier()
-    _write_results_in_process()
+    write_results_in_process()
     final = root / layout.iter_dir_name(train_state.iteration)
     if in_background:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
@@ -305,7 +305,7 @@ def _retarget_to_gpt(model_state: dict, chunks) -> dict:
         retarget_sharded_state_dict_to_gpt_checkpoint,
     )
 
-    pattern = _unwrap(chunks[0]).hybrid_layer_pattern.replace("|", "")
+    pattern = unwrap(chunks[0]).hybrid_layer_pattern.replace("|", "")
     maps = gpt_compatible_layer_maps(pattern)
     for chunk_state in model_state.values():
         retarget_sharded_state_dict_to_gpt_checkpoint(chunk_state, maps)  # in place; returns None
@@ -350,13 +350,13 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
         raise
     verification.finish()
     for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
     if optimizer is not None:
         with torch.no_grad():  # dp_reshardable copies into fp32 main params that are the model's leaves
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
         if not _torch_adam():
-            _integer_group_steps(optimizer)
+            integer_group_steps(optimizer)
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if with_rng and "rng_state" in loaded:
