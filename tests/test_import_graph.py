@@ -114,3 +114,8 @@ def test_no_private_helper_is_imported_across_modules():
     assert len(files) > 100 and private_imports(PACKAGE / "cli" / "train.py") == []
     assert [f for p in files for f in private_imports(p)] == []
 
+
+def test_one_structured_merge_step():
+    # Every entry point turns its hydra node into its dataclass with config.to_config, nowhere else.
+    where = sorted(str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if "OmegaConf.merge(" in p.read_text())
+    assert where == ["pma_train/config/schema.py"]

@@ -7,17 +7,17 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.checkpoint.layout import CheckpointError, check_loadable
 from pma_train.cli.quiet import quiet_third_party
 from pma_train.conf import CONF_DIR, register_configs
-from pma_train.config import ConfigError, EvalConfig, validate
+from pma_train.config import ConfigError, EvalConfig, to_config, validate
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _run(node: DictConfig) -> None:
-    cfg: EvalConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), node))
+    cfg: EvalConfig = to_config(EvalConfig, node)
     if not cfg.logging.verbose:
         quiet_third_party()
     try:

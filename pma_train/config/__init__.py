@@ -21,6 +21,7 @@ from pma_train.config.schema import (  # noqa: F401
     JobConfig,
     EvalConfig,
     DataPrepConfig,
+    to_config,
     to_job_config,
     MergeConfig,
 )
