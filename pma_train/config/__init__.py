@@ -31,6 +31,7 @@ from pma_train.config.checks import (  # noqa: F401
     METHODS,
     MERGE_DECAY_SHAPES,
     EXIT_SIGNALS,
+    decay_window_iters,
     validate,
     check_writable,
     check_output_dirs,

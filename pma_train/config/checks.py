@@ -13,6 +13,9 @@ from pma_train.config.schema import (
     JobConfig,
     MergeConfig,
     MergeWeighting,
+    ModelConfig,
+    ParallelConfig,
+    ScheduleConfig,
     TrainConfig,
 )
 
@@ -89,8 +92,45 @@ def _check_intervals(t: TrainConfig) -> None:
         _fail("train.eval_iters", f"must be >= 0 (0 = no evaluation), got {t.eval_iters}")
 
 
-def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
-    """Check that the job can run; raise ConfigError naming the first field that cannot."""
+def decay_window_iters(s: ScheduleConfig, t: TrainConfig, tokens_per_iter: int) -> int:
+    """Length of the WSD decay window in iterations: decay_tokens, else decay_iters, else decay_fraction."""
+    if s.decay_tokens is not None:
+        name, window = "schedule.decay_tokens", round(s.decay_tokens / tokens_per_iter)
+    elif s.decay_iters is not None:
+        name, window = "schedule.decay_iters", s.decay_iters
+    else:
+        name, window = "schedule.decay_fraction", round(s.decay_fraction * t.iters)
+    room = t.iters - s.warmup_iters
+    if not 1 <= window <= room:
+        _fail(name, f"gives a decay of {window} iterations; it must be between 1 and "
+                    f"train.iters - schedule.warmup_iters = {room}")
+    return window
+
+
+def _check_shapes(m: ModelConfig, p: ParallelConfig, t: TrainConfig) -> None:
+    """Shapes megatron-core's modules would reject further in, after the process groups exist."""
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        _fail("model.num_attention_heads", f"{m.num_attention_heads} does not divide hidden_size={m.hidden_size} "
+                                           "(or set model.kv_channels)")
+    if m.num_experts:
+        if not 1 <= m.moe_router_topk <= m.num_experts:
+            _fail("model.moe_router_topk", f"{m.moe_router_topk} is not in [1, num_experts={m.num_experts}]")
+        # Experts are split over expert-TP ranks, as many as TP ranks.
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(m, name)
+            if value and value % p.tp:
+                _fail("parallel.tp", f"{p.tp} does not divide model.{name}={value}")
+    if p.tp > 1 and p.sequence_parallel and t.seq_length % p.tp:
+        _fail("train.seq_length", f"{t.seq_length} is not a multiple of parallel.tp={p.tp} "
+                                  "(sequence parallelism splits the sequence over TP ranks)")
+
+
+def validate(cfg: JobConfig, world_size: Optional[int] = None, *, local_files: bool = True) -> None:
+    """Check that the job can run; raise ConfigError naming the first field that cannot.
+
+    The one validator of a job: pma-train runs it before any process group starts, pma-plan with
+    the world size it plans for and `local_files=False` (planning happens anywhere: the files the job
+    reads, data, tokenizer, checkpoints, need not exist on this host; only that check is skipped)."""
     world_size = world_size_from_env() if world_size is None else world_size
     m, p, t, s = cfg.model, cfg.parallel, cfg.train, cfg.schedule
 
@@ -127,6 +167,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         _fail("parallel.pp", f"pp*vpp={stages} does not divide the {len(pattern)} layers of '{pattern}'")
     if p.vpp is not None and (p.vpp < 2 or p.pp < 2):
         _fail("parallel.vpp", f"interleaving needs vpp >= 2 and pp >= 2 (vpp={p.vpp}, pp={p.pp})")
+    _check_shapes(m, p, t)
 
     model_parallel = p.tp * p.pp
     if world_size % model_parallel:
@@ -193,7 +234,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             _fail("spike.min_history", f"{sp.min_history} exceeds spike.window={sp.window}")
     im = cfg.checkpoint.init_merge
     if im.root is not None:
-        if not Path(im.root).is_dir():
+        if local_files and not Path(im.root).is_dir():
             _fail("checkpoint.init_merge.root", f"{im.root} is not a directory")
         if cfg.checkpoint.init_from is not None:
             _fail("checkpoint.init_merge.root", "give checkpoint.init_from or checkpoint.init_merge.root, not both")
@@ -207,6 +248,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt, exponential")
         if not 0.0 < s.decay_fraction <= 1.0:
             _fail("schedule.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")
+        decay_window_iters(s, t, t.global_batch_size * t.seq_length)
 
     if cfg.checkpoint.interval < 1:
         _fail("checkpoint.interval", f"must be >= 1, got {cfg.checkpoint.interval}")
@@ -215,7 +257,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
               f"'{cfg.checkpoint.optimizer_format}' is not one of {', '.join(OPTIMIZER_FORMATS)}")
     for name in ("load", "init_from"):
         path = getattr(cfg.checkpoint, name)
-        if path is not None and not Path(path).exists():
+        if local_files and path is not None and not Path(path).exists():
             _fail(f"checkpoint.{name}", f"{path} does not exist")
     if cfg.checkpoint.async_save not in (None, True, False):
         _fail("checkpoint.async_save", f"must be true, false or null (on with CUDA), got {cfg.checkpoint.async_save!r}")
@@ -225,7 +267,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
                                       "checkpoint.init_from (weights only, iteration 0), not both")
 
     d = cfg.data
-    for prefix in d.paths:
+    for prefix in d.paths if local_files else ():
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 _fail("data.paths", f"{prefix + suffix} does not exist (give dataset prefixes, without .bin/.idx)")
@@ -236,7 +278,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if d.tokenizer.type not in ("byte", "huggingface"):
         _fail("data.tokenizer.type", f"'{d.tokenizer.type}' is not one of byte, huggingface")
     if d.tokenizer.type == "huggingface":
-        if not d.tokenizer.path or not Path(d.tokenizer.path).is_file():
+        if not d.tokenizer.path or (local_files and not Path(d.tokenizer.path).is_file()):
             _fail("data.tokenizer.path", f"a local tokenizer.json is required, got {d.tokenizer.path}")
     if cfg.logging.wandb.mode not in ("disabled", "offline", "online"):
         _fail("logging.wandb.mode", f"'{cfg.logging.wandb.mode}' is not one of disabled, offline, online")
