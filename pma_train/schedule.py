@@ -19,9 +19,7 @@ from __future__ import annotations
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from pma_train.config import ConfigError, ScheduleConfig, TrainConfig, decay_window_iters
-
-# Our decay-shape names -> megatron's `lr_wsd_decay_style`.
-DECAY_SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "minus_sqrt", "exponential": "exponential"}
+from pma_train.decay import DECAY_SHAPES
 
 
 class Scheduler(OptimizerParamScheduler):
@@ -60,7 +58,7 @@ def build_scheduler(optimizer, schedule: ScheduleConfig, train: TrainConfig, tok
             raise ConfigError(f"schedule.decay_shape: '{schedule.decay_shape}' is not one of {', '.join(DECAY_SHAPES)}")
         # megatron's WSD is stable from the end of warmup to decay_end - window, then decays.
         style, wsd_window = "WSD", decay_window_iters(schedule, train, tokens_per_iter)
-        wsd_shape = DECAY_SHAPES[schedule.decay_shape]
+        wsd_shape = DECAY_SHAPES[schedule.decay_shape].megatron_style
     else:
         raise ConfigError(f"schedule.name: '{schedule.name}' is not one of constant, wsd, cosine")
     return Scheduler(
@@ -115,7 +113,7 @@ def build_annealing_scheduler(optimizer, start_iter: int, start_lr: float, final
         lr_decay_steps=start_iter + anneal_iters,
         lr_decay_style="WSD",
         wsd_decay_steps=anneal_iters,
-        lr_wsd_decay_style=DECAY_SHAPES[shape],
+        lr_wsd_decay_style=DECAY_SHAPES[shape].megatron_style,
         start_wd=weight_decay,
         end_wd=weight_decay,
         wd_incr_steps=start_iter + anneal_iters,

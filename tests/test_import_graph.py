@@ -119,3 +119,23 @@ def test_one_structured_merge_step():
     # Every entry point turns its hydra node into its dataclass with config.to_config, nowhere else.
     where = sorted(str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if "OmegaConf.merge(" in p.read_text())
     assert where == ["pma_train/config/schema.py"]
+
+
+def test_one_registry_of_decay_shapes():
+    # The names are spelled once, in pma_train/decay.py: no module binds its own DECAY_SHAPES or
+    # lists two of the names in a literal (defaults naming one shape are fine).
+    from pma_train.decay import DECAY_SHAPES
+
+    assert set(DECAY_SHAPES) >= {"linear", "cosine", "1-sqrt"}
+    bound, listed = [], []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                bound += [path.name for t in targets if isinstance(t, ast.Name) and t.id == "DECAY_SHAPES"]
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+                items = node.keys if isinstance(node, ast.Dict) else node.elts
+                names = {i.value for i in items if isinstance(i, ast.Constant)} & set(DECAY_SHAPES)
+                if len(names) > 1 and path.name != "decay.py":
+                    listed.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert bound == ["decay.py"] and listed == []

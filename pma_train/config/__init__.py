@@ -29,7 +29,6 @@ from pma_train.config.checks import (  # noqa: F401
     world_size_from_env,
     track_spacing_iters,
     METHODS,
-    MERGE_DECAY_SHAPES,
     EXIT_SIGNALS,
     decay_window_iters,
     validate,

@@ -18,6 +18,7 @@ from pma_train.config.schema import (
     ScheduleConfig,
     TrainConfig,
 )
+from pma_train.decay import CURVE_SHAPES, DECAY_SHAPES
 
 _DENSE_SYMBOLS = set("*-")
 _PATTERN_SYMBOLS = set("*-E|")
@@ -45,7 +46,6 @@ def track_spacing_iters(cfg: JobConfig) -> int:
 METHODS = ("sma", "ema", "wma", "decay")
 # pma_train/checkpoint/optimizer_format.py says what each means.
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
-MERGE_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def _check_method(prefix: str, w: MergeWeighting, allowed=METHODS) -> None:
@@ -53,8 +53,8 @@ def _check_method(prefix: str, w: MergeWeighting, allowed=METHODS) -> None:
         _fail(prefix + "method", f"'{w.method}' is not one of {', '.join(allowed)}")
     if w.method == "ema" and not 0.0 < w.alpha <= 1.0:
         _fail(prefix + "alpha", f"must be in (0, 1], got {w.alpha}")
-    if w.method == "decay" and w.decay_shape not in MERGE_DECAY_SHAPES:
-        _fail(prefix + "decay_shape", f"'{w.decay_shape}' is not one of {', '.join(MERGE_DECAY_SHAPES)}")
+    if w.method == "decay" and w.decay_shape not in CURVE_SHAPES:
+        _fail(prefix + "decay_shape", f"'{w.decay_shape}' is not one of {', '.join(CURVE_SHAPES)}")
 
 
 def _check_optimizer(t: TrainConfig) -> None:
@@ -203,8 +203,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, *, local_files: b
     if s.name not in ("constant", "wsd", "cosine", "anneal"):
         _fail("schedule.name", f"'{s.name}' is not one of constant, wsd, cosine, anneal")
     if s.name == "anneal":
-        if s.decay_shape not in ("linear", "cosine", "1-sqrt"):
-            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt")
+        if s.decay_shape not in CURVE_SHAPES:
+            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of {', '.join(CURVE_SHAPES)}")
         if cfg.checkpoint.load is None:
             _fail("checkpoint.load", "schedule=anneal forks from a checkpoint: set checkpoint.load")
         if Path(cfg.checkpoint.dir).resolve() in (Path(cfg.checkpoint.load).resolve(),
@@ -244,8 +244,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, *, local_files: b
     if s.name != "constant" and s.warmup_iters >= t.iters:
         _fail("schedule.warmup_iters", f"{s.warmup_iters} must be below train.iters={t.iters} for a decaying schedule")
     if s.name == "wsd":
-        if s.decay_shape not in ("linear", "cosine", "1-sqrt", "exponential"):
-            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt, exponential")
+        if s.decay_shape not in DECAY_SHAPES:
+            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of {', '.join(DECAY_SHAPES)}")
         if not 0.0 < s.decay_fraction <= 1.0:
             _fail("schedule.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")
         decay_window_iters(s, t, t.global_batch_size * t.seq_length)
