@@ -139,3 +139,13 @@ def test_one_registry_of_decay_shapes():
                 if len(names) > 1 and path.name != "decay.py":
                     listed.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert bound == ["decay.py"] and listed == []
+
+
+def test_one_module_for_the_train_state_sidecar():
+    # pma_train.json is named, written and parsed in checkpoint/sidecar.py only; others call it.
+    from pma_train.checkpoint import sidecar
+
+    naming = sorted(str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py")
+                    for node in ast.walk(ast.parse(p.read_text(), str(p)))
+                    if isinstance(node, ast.Constant) and node.value == sidecar.FILE)
+    assert naming == ["pma_train/checkpoint/sidecar.py"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import integrity, layout, space
+from pma_train.checkpoint import integrity, layout, sidecar, space
 from pma_train.checkpoint.layout import is_optimizer_key
 from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
@@ -353,7 +353,7 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
     metadata = assemble_metadata(newest_index.metadata, shapes, tensors, writer.byte_entries)
     with open(tmp / ".metadata", "wb") as f:
         pickle.dump(metadata, f)
-    for name in ("metadata.json", "common.pt", layout.TRAIN_STATE_SIDECAR):
+    for name in ("metadata.json", "common.pt", sidecar.FILE):
         if (newest.path / name).is_file():
             shutil.copy2(newest.path / name, tmp / name)
     provenance = {
