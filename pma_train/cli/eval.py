@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from pma_train.checkpoint.layout import CheckpointError, check_loadable
 from pma_train.cli.quiet import quiet_third_party
 from pma_train.conf import CONF_DIR, register_configs
-from pma_train.config import ConfigError, EvalConfig, to_config, validate
+from pma_train.config import ConfigError, EvalConfig, to_config, validate_eval
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
@@ -21,11 +21,7 @@ def _run(node: DictConfig) -> None:
     if not cfg.logging.verbose:
         quiet_third_party()
     try:
-        validate(cfg)
-        if cfg.train.eval_iters < 1:  # 0 turns a training run's evaluation off; here it would give 0.0
-            raise ConfigError(f"train.eval_iters: pma-eval needs at least 1, got {cfg.train.eval_iters}")
-        if not cfg.checkpoints:
-            raise ConfigError("checkpoints: give at least one checkpoint, e.g. 'checkpoints=[ckpt/run1]'")
+        validate_eval(cfg)
         for path in cfg.checkpoints:
             check_loadable(path)
     except (ConfigError, CheckpointError) as err:

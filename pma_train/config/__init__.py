@@ -34,5 +34,6 @@ from pma_train.config.checks import (  # noqa: F401
     validate,
     check_writable,
     check_output_dirs,
+    validate_eval,
     validate_merge,
 )

@@ -10,6 +10,7 @@ from typing import Optional
 
 from pma_train.config.schema import (
     ConfigError,
+    EvalConfig,
     JobConfig,
     MergeConfig,
     MergeWeighting,
@@ -311,8 +312,16 @@ def check_output_dirs(cfg: JobConfig) -> None:
     check_writable("checkpoint.dir", cfg.checkpoint.dir)
 
 
-# ----------------------------------------------------------------------------- pma-merge
+# ----------------------------------------------------------------------------- pma-eval
 
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """The job's checks, then what evaluating checkpoints needs."""
+    validate(cfg)
+    if cfg.train.eval_iters < 1:  # 0 turns a training run's evaluation off; here it would give 0.0
+        _fail("train.eval_iters", f"pma-eval needs at least 1, got {cfg.train.eval_iters}")
+    if not cfg.checkpoints:
+        _fail("checkpoints", "give at least one checkpoint, e.g. 'checkpoints=[ckpt/run1]'")
 
 
 # ----------------------------------------------------------------------------- pma-merge
