@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from pma_train.checkpoint import layout  # noqa: E402
 from pma_train.metrics import read_metrics  # noqa: E402
+from pma_train.slurm_env import free_port  # noqa: E402
 
 TRAIN = ["model=tiny", "train.iters=8", "checkpoint.interval=2", "train.log_interval=1", "train.eval_interval=100",
          "train.eval_iters=1", "train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_length=64",
@@ -64,17 +65,9 @@ def _env() -> dict:
     return env
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _cmd(module: str, args: list[str], nproc: int | None) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                f"--master-port={_free_port()}"] if nproc else [sys.executable]
+                f"--master-port={free_port()}"] if nproc else [sys.executable]
     return launcher + ["-m", module, *args]
 
 

@@ -21,7 +21,6 @@ import re
 import resource
 import runpy
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -98,12 +97,6 @@ def markdown_lines(lean: dict) -> list[str]:
             f"{torch_only / peak:.0%} of a rank's peak. Load average {lean['loadavg'][0]:.1f}.", ""]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
@@ -123,7 +116,9 @@ def main() -> None:
     a = p.parse_args()
     merge_args = ["progress_bar=false", f"root={a.root}", f"n={a.n}", f"memory_budget_mb={a.budget_mb}",
                   f"output={a.out}"] + ([f"v_tokens={a.v_tokens}"] if a.v_tokens else [])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}"]
+    from pma_train.slurm_env import free_port  # here: the ranks import this file, and only pma-merge's imports
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}"]
     lean = measure(_run, torchrun, [sys.executable, "-m", "pma_train.cli.merge"], merge_args, Path(a.out))
     print(json.dumps(lean, indent=1))
     print("\n".join(markdown_lines(lean)))

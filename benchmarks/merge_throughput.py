@@ -35,7 +35,6 @@ import json
 import os
 import platform as host_platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,14 +69,10 @@ def _env(threads: int = 1) -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}"]
+    from pma_train.slurm_env import free_port  # as this file's other pma_train imports: not at module load
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
 
 
 def _run(cmd: list[str], env: dict | None = None, timeout: int = 900) -> tuple[subprocess.CompletedProcess, float]:

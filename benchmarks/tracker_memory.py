@@ -36,14 +36,14 @@ def model_shapes(model: str) -> list[list[int]]:
     from pma_train.conf import model_configs_dir
     from pma_train.config import JobConfig, ModelConfig
     from pma_train.data import build_tokenizer
-    from pma_train.plan.count import _build, _fake_rank, _meta_build_environment, _quiet
+    from pma_train.plan.count import build_chunks, fake_rank, meta_build_environment, quiet
 
     cfg = JobConfig()
     cfg.model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                                     OmegaConf.load(model_configs_dir() / f"{model}.yaml")))
     vocab = build_tokenizer(cfg.data.tokenizer).vocab_size
-    with _quiet(), _meta_build_environment(), _fake_rank(cfg, 0):
-        return [list(p.shape) for chunk in _build(cfg, vocab) for p in chunk.parameters()]
+    with quiet(), meta_build_environment(), fake_rank(cfg, 0):
+        return [list(p.shape) for chunk in build_chunks(cfg, vocab) for p in chunk.parameters()]
 
 
 def _rss() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import socket
 from datetime import timedelta
 
 import torch
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from pma_train import cpu_compat
 from pma_train.config import ParallelConfig
 from pma_train.platform import Platform
-from pma_train.slurm_env import torch_env_from_slurm
+from pma_train.slurm_env import free_port, torch_env_from_slurm
 
 # megatron-core warnings that say nothing actionable about a pma-train run.
 _QUIET_LOGGERS = ("megatron.core.rerun_state_machine", "megatron.core.dist_checkpointing.strategies.torch")
@@ -40,16 +39,10 @@ def init_process_group(backend: str, device: torch.device | None = None) -> None
         return
     torch_env_from_slurm()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), device_id=device)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def set_cuda_device_max_connections(value: int | None, explicit: bool) -> None:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from pma_train.config import ConfigError, ScheduleConfig, TrainConfig
-
-# Our decay-shape names -> megatron's `lr_wsd_decay_style`.
-DECAY_SHAPES = {"linear": "linear", "cosine": "cosine", "1-sqrt": "minus_sqrt", "exponential": "exponential"}
+from pma_train.config import ConfigError, ScheduleConfig, TrainConfig, decay_window_iters
+from pma_train.decay import DECAY_SHAPES
 
 
 class Scheduler(OptimizerParamScheduler):
@@ -35,21 +33,6 @@ class Scheduler(OptimizerParamScheduler):
             super().load_state_dict(state_dict)
         except AssertionError as error:  # megatron's strict check of config vs checkpoint
             raise ValueError(f"the checkpoint's LR schedule differs from this run's config: {error}") from error
-
-
-def decay_iters(schedule: ScheduleConfig, train: TrainConfig, tokens_per_iter: int) -> int:
-    """Length of the WSD decay window in iterations: tokens, else iters, else fraction."""
-    if schedule.decay_tokens is not None:
-        name, window = "schedule.decay_tokens", round(schedule.decay_tokens / tokens_per_iter)
-    elif schedule.decay_iters is not None:
-        name, window = "schedule.decay_iters", schedule.decay_iters
-    else:
-        name, window = "schedule.decay_fraction", round(schedule.decay_fraction * train.iters)
-    room = train.iters - schedule.warmup_iters
-    if not 1 <= window <= room:
-        raise ConfigError(f"{name}: gives a decay of {window} iterations; it must be between 1 and "
-                          f"train.iters - schedule.warmup_iters = {room}")
-    return window
 
 
 def build_scheduler(optimizer, schedule: ScheduleConfig, train: TrainConfig, tokens_per_iter: int) -> Scheduler:
@@ -74,8 +57,8 @@ def build_scheduler(optimizer, schedule: ScheduleConfig, train: TrainConfig, tok
         if schedule.decay_shape not in DECAY_SHAPES:
             raise ConfigError(f"schedule.decay_shape: '{schedule.decay_shape}' is not one of {', '.join(DECAY_SHAPES)}")
         # megatron's WSD is stable from the end of warmup to decay_end - window, then decays.
-        style, wsd_window = "WSD", decay_iters(schedule, train, tokens_per_iter)
-        wsd_shape = DECAY_SHAPES[schedule.decay_shape]
+        style, wsd_window = "WSD", decay_window_iters(schedule, train, tokens_per_iter)
+        wsd_shape = DECAY_SHAPES[schedule.decay_shape].megatron_style
     else:
         raise ConfigError(f"schedule.name: '{schedule.name}' is not one of constant, wsd, cosine")
     return Scheduler(
@@ -130,7 +113,7 @@ def build_annealing_scheduler(optimizer, start_iter: int, start_lr: float, final
         lr_decay_steps=start_iter + anneal_iters,
         lr_decay_style="WSD",
         wsd_decay_steps=anneal_iters,
-        lr_wsd_decay_style=DECAY_SHAPES[shape],
+        lr_wsd_decay_style=DECAY_SHAPES[shape].megatron_style,
         start_wd=weight_decay,
         end_wd=weight_decay,
         wd_incr_steps=start_iter + anneal_iters,

@@ -1,4 +1,5 @@
-"""torch.distributed's environment for ranks that Slurm starts without torchrun (srun, submitit).
+"""torch.distributed's environment for ranks that Slurm starts without torchrun (srun, submitit), and
+the free local port of a single-host rendezvous.
 
 No torch import here: the hydra entry points call it before validating a config.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import MutableMapping
 
 
@@ -44,3 +46,10 @@ def first_slurm_host(nodelist: str) -> str:
             end = i
             break
     return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end])
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for MASTER_PORT of a rendezvous on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

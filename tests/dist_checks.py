@@ -102,7 +102,7 @@ def previous_build_main() -> None:
     from pma_train.config import JobConfig, ModelConfig
     from pma_train.model import build_model
     from pma_train.model.build import build_chunks, transformer_config
-    from pma_train.model.init import _SCALED_SUFFIXES, _sharded_tensors
+    from pma_train.model.init import SCALED_SUFFIXES, sharded_tensors
     from pma_train.parallel import init_distributed
     from pma_train.platform import detect
     from tests.test_init import reference_fill
@@ -121,9 +121,9 @@ def previous_build_main() -> None:
         config = transformer_config(cfg, platform)  # megatron-core's own CPU initialisation, as before
         chunk = build_chunks(cfg, config, platform, vocab_size=257)[0]
         scaled_std = config.init_method_std / config.num_layers ** 0.5
-        for sh in _sharded_tensors(chunk.sharded_state_dict()):
+        for sh in sharded_tensors(chunk.sharded_state_dict()):
             if sh.data.dim() >= 2 and sh.data.is_floating_point():
-                reference_fill(sh, cfg.seed, scaled_std if sh.key.endswith(_SCALED_SUFFIXES) else config.init_method_std)
+                reference_fill(sh, cfg.seed, scaled_std if sh.key.endswith(SCALED_SUFFIXES) else config.init_method_std)
         old = {k: v for k, v in chunk.state_dict().items() if isinstance(v, torch.Tensor)}
         assert sorted(k for k, v in new.items() if isinstance(v, torch.Tensor)) == sorted(old), name
         for key, tensor in old.items():

@@ -102,12 +102,12 @@ def main() -> None:
 
     from pma_train import platform
     from pma_train.checkpoint import layout
-    from pma_train.checkpoint.state import _write_results_in_process
+    from pma_train.checkpoint.state import write_results_in_process
     from pma_train.config import ParallelConfig
     from pma_train.parallel import destroy_distributed, init_distributed
 
     init_distributed(ParallelConfig(), platform.detect(), seed=1)
-    _write_results_in_process()
+    write_results_in_process()
     for ckpt in args.ckpt:
         entries, common = read_all(ckpt)
         write(te_shaped(entries, layout.iteration_of(ckpt)), common, ckpt, args.out / "te")

@@ -6,7 +6,6 @@ import gzip
 import json
 import multiprocessing as mp
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from pma_train.data import (
     prepare_builtin_corpus,
     prepare_indexed_dataset,
 )
+from pma_train.slurm_env import free_port
 
 SEQ = 64
 
@@ -260,9 +260,7 @@ def _build_under_gloo(rank: int, port: int, prefix: str, cache: str, queue) -> N
 
 
 def test_build_datasets_under_a_gloo_process_group(tmp_path, byte_tok, builtin_prefix):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_build_under_gloo, args=(r, port, builtin_prefix, str(tmp_path / "pg"), queue))

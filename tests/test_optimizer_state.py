@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pma_train.checkpoint.state import _init_optimizer_state, _integer_group_steps
+from pma_train.checkpoint.state import init_optimizer_state, integer_group_steps
 
 
 def _optimizer():
@@ -18,7 +18,7 @@ def _optimizer():
 
 def test_torch_adam_gets_moments_and_a_per_parameter_step():
     wrapper = _optimizer()
-    _init_optimizer_state(wrapper, per_param_step=True)
+    init_optimizer_state(wrapper, per_param_step=True)
     for state in wrapper.optimizer.state.values():
         assert set(state) == {"exp_avg", "exp_avg_sq", "step"} and float(state["step"]) == 0.0
     for group in wrapper.optimizer.param_groups:
@@ -30,11 +30,11 @@ def test_torch_adam_gets_moments_and_a_per_parameter_step():
 
 def test_fused_adam_gets_moments_only_and_an_integer_group_step():
     wrapper = _optimizer()
-    _init_optimizer_state(wrapper, per_param_step=False)
+    init_optimizer_state(wrapper, per_param_step=False)
     for param, state in wrapper.optimizer.state.items():
         assert set(state) == {"exp_avg", "exp_avg_sq"} and state["exp_avg"].shape == param.shape
     wrapper.optimizer.param_groups[0]["step"] = 7.0  # as a torch-Adam checkpoint records it
-    _integer_group_steps(wrapper)
+    integer_group_steps(wrapper)
     assert wrapper.optimizer.param_groups[0]["step"] == 7 and isinstance(wrapper.optimizer.param_groups[0]["step"], int)
 
 

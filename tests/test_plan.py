@@ -225,3 +225,50 @@ def test_cli_plans_200b_moe(tmp_path):
                               "expert_dp": 2, "sequence_parallel": True, "distributed_optimizer": True}
     assert len(plan["memory"]["ranks"]) == 4 and plan["batch"]["tokens_per_step"] == 1024 * 4096
     assert plan["build"]["seconds"] > 0  # reported; how long it may take is a benchmark's business, not a test's
+
+
+def _verdict(check) -> str | None:
+    try:
+        check()
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def test_pma_plan_and_pma_train_judge_a_job_alike(tmp_path):
+    """One validator: each job below is refused by pma-plan and by pma-train's pre-start check with the
+    same message (or accepted by both). Before, pma-plan alone refused the shapes of the first four,
+    pma-train alone (after its process groups) the decay window, pma-train alone load + init_from,
+    and pma-plan alone an annealing branch (it forgot checkpoint.load)."""
+    from pma_train.cli.plan import compose
+    from pma_train.config import validate
+    from pma_train.plan import check
+
+    for name in ("main", "other"):
+        (tmp_path / name).mkdir()
+    main, other = tmp_path / "main", tmp_path / "other"
+    cases = [
+        (["model.hidden_size=130"], "model.num_attention_heads: 4 does not divide hidden_size=130"),
+        (["model=tiny_moe", "model.moe_router_topk=5"], "model.moe_router_topk: 5 is not in [1, num_experts=4]"),
+        (["model=tiny_moe", "parallel.tp=2", "model.moe_ffn_hidden_size=129"], "parallel.tp: 2 does not divide"),
+        (["parallel.tp=2", "train.seq_length=127"], "train.seq_length: 127 is not a multiple of parallel.tp=2"),
+        (["schedule=wsd", "schedule.decay_iters=581"], "schedule.decay_iters: gives a decay of 581 iterations"),
+        ([f"checkpoint.load={main}", f"checkpoint.init_from={other}"], "checkpoint.init_from: give checkpoint.load"),
+        (["schedule=anneal", f"checkpoint.load={main}", f"checkpoint.dir={other}"], None),
+    ]
+    for overrides, expected in cases:
+        job = compose(overrides)
+        planned = _verdict(lambda: check(job, job.plan))
+        gpus = job.plan.gpus or job.parallel.tp * job.parallel.pp * job.parallel.ep
+        trained = _verdict(lambda: validate(job, world_size=gpus))
+        assert planned == trained, (overrides, planned, trained)
+        assert (trained is None) if expected is None else trained.startswith(expected), (overrides, trained)
+
+
+def test_pma_train_refuses_what_pma_plan_refuses_before_starting(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.train", "model=tiny_moe", "model.moe_router_topk=5",
+                           f"run.dir={tmp_path / 'run'}"], cwd=REPO, env=test_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error: model.moe_router_topk: 5 is not in [1, num_experts=4]" in proc.stderr
+    assert not (tmp_path / "run").exists() and "megatron" not in proc.stderr.lower()

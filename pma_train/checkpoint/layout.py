@@ -15,6 +15,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from pma_train.checkpoint import sidecar
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 TMP_PREFIX = ".tmp-"
@@ -153,12 +155,11 @@ def verify_complete(ckpt_dir: str | Path) -> None:
         raise CheckpointError(str(err)) from None
 
 
-# The JSON files next to the DCP data: megatron's, the train state (checkpoint/state.py), a merge's
+# The JSON files next to the DCP data: megatron's, the train state (checkpoint/sidecar.py), a merge's
 # provenance (merge/engine.py), the checksums (checkpoint/integrity.py).
-TRAIN_STATE_SIDECAR = "pma_train.json"
+TRAIN_STATE_SIDECAR = sidecar.FILE
 MERGE_PROVENANCE = "pma_merge.json"
 JSON_SIDECARS = ("metadata.json", TRAIN_STATE_SIDECAR, MERGE_PROVENANCE, "checksums.json")
-_TRAIN_STATE_FIELDS = ("iteration", "consumed_samples", "consumed_tokens")
 
 
 def check_json_sidecars(ckpt_dir: Path) -> None:
@@ -175,7 +176,7 @@ def check_json_sidecars(ckpt_dir: Path) -> None:
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} is corrupted: a JSON {type(data).__name__}, not an object")
         if name == TRAIN_STATE_SIDECAR:
-            bad = [f for f in _TRAIN_STATE_FIELDS if not isinstance(data.get(f), int) or data[f] < 0]
+            bad = sidecar.bad_counters(data)
             if bad:
                 raise CheckpointError(f"{path} is corrupted: {', '.join(bad)} missing or not a count")
 

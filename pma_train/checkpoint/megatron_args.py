@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from pma_train.checkpoint.state import TrainState
+from pma_train.checkpoint.sidecar import TrainState
 from pma_train.config import JobConfig
 
 

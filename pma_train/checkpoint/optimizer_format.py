@@ -16,10 +16,9 @@ also records the layout and buckets it was saved with, so a mismatch is named be
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, sidecar
 from pma_train.checkpoint.layout import CheckpointError
 from pma_train.config.checks import OPTIMIZER_FORMATS
 
@@ -99,8 +98,7 @@ def check_loadable(ckpt_dir: Path, optimizer, chunks, saved: dict | None, args) 
 def check_layout_before_start(ckpt_dir: Path, tp: int, pp: int, ep: int, vpp: int) -> None:
     """Before any process starts: a dp_reshardable checkpoint whose sidecar names another layout is
     refused (check_loadable repeats this, with the buckets, once the model exists)."""
-    sidecar = Path(ckpt_dir) / layout.TRAIN_STATE_SIDECAR
-    saved = json.loads(sidecar.read_text()).get(SIDECAR_KEY) if sidecar.is_file() else None
+    saved = sidecar.read_record(ckpt_dir, SIDECAR_KEY)
     if saved is None or saved.get("format") != "dp_reshardable":
         return
     problem = _layout_differs(saved.get("layout", {}), {"tp": tp, "pp": pp, "ep": ep, "vpp": vpp})

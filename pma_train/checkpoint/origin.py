@@ -8,10 +8,9 @@ ignored without a word. Pure filesystem code: runs before megatron-core is impor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, sidecar
 from pma_train.checkpoint.layout import CheckpointError
 
 # Key of TrainState.extra (saved in every checkpoint's side-car and carried across resumes).
@@ -25,13 +24,10 @@ def init_from_record(init_from: str | Path) -> str:
 
 def recorded_init_from(ckpt_dir: Path) -> str | None:
     """The init_from a checkpoint's run started from; None for a run that did not (or predates the record)."""
-    sidecar = Path(ckpt_dir) / layout.TRAIN_STATE_SIDECAR
-    if not sidecar.is_file():
-        return None
     try:
-        extra = json.loads(sidecar.read_text()).get("extra") or {}
+        extra = sidecar.read_record(ckpt_dir, "extra") or {}
     except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{sidecar} is not valid JSON: {err}") from None
+        raise CheckpointError(f"{Path(ckpt_dir) / sidecar.FILE} is not valid JSON: {err}") from None
     return extra.get(INIT_FROM_KEY)
 
 

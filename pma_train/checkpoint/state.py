@@ -10,37 +10,25 @@ under another TP / PP layout re-shards weights; the optimizer state follows its 
 from __future__ import annotations
 
 import copy
-import json
 import queue
 import shutil
 import uuid
 from argparse import Namespace
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import async_save, extra_state, integrity, layout, optimizer_format, rng, space
+from pma_train.checkpoint import async_save, extra_state, integrity, layout, optimizer_format, rng, sidecar, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
+from pma_train.checkpoint.sidecar import TrainState
 
 CHECKPOINT_VERSION = 3.0
 # Model weights are per-parameter whatever the optimizer's format.
 SHARDED_METADATA = optimizer_format.sharded_metadata(optimizer_format.DEFAULT)
-SIDE_CAR = layout.TRAIN_STATE_SIDECAR
-
-
-@dataclass
-class TrainState:
-    """Where a run stands; recorded in every checkpoint (merges select checkpoints by tokens)."""
-
-    iteration: int = 0
-    consumed_samples: int = 0
-    consumed_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _model_key(index: int, count: int) -> str:
@@ -49,11 +37,11 @@ def _model_key(index: int, count: int) -> str:
 
 def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     # A fresh dict per call: megatron caches the current data-parallel group in it (in place).
-    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict(metadata=dict(SHARDED_METADATA))
+    return {_model_key(i, len(chunks)): unwrap(c).sharded_state_dict(metadata=dict(SHARDED_METADATA))
             for i, c in enumerate(chunks)}
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     # Sharded keys come from the bare model: the DDP wrapper would add 'module.'.
     return getattr(chunk, "module", chunk)
 
@@ -63,7 +51,7 @@ def build_state_dict(chunks, optimizer, scheduler, train_state: TrainState, args
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         if is_loading or not _optimizer_has_state(optimizer):
-            _init_optimizer_state(optimizer)
+            init_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
                                                           metadata=optimizer_format.sharded_metadata(optim_format))
     if scheduler is not None:
@@ -95,7 +83,7 @@ def _torch_adam() -> bool:
     return bool(USING_PYTORCH_OPTIMIZER)
 
 
-def _init_optimizer_state(optimizer, per_param_step: bool | None = None) -> None:
+def init_optimizer_state(optimizer, per_param_step: bool | None = None) -> None:
     """Create the moments Adam makes lazily at its first step: the sharded state dict needs them
     (saving before any step, or loading into a fresh optimizer). torch's Adam also keeps a
     per-parameter `step`; TE's / apex's FusedAdam keep it in the param group, and a per-parameter one
@@ -115,7 +103,7 @@ def _init_optimizer_state(optimizer, per_param_step: bool | None = None) -> None
                     state.setdefault("step", torch.tensor(0.0))
 
 
-def _integer_group_steps(optimizer) -> None:
+def integer_group_steps(optimizer) -> None:
     # FusedAdam counts steps in the param group as an int; a checkpoint written with torch's Adam
     # (e.g. on CPU) records it as a float.
     for inner in _inner_optimizers(optimizer):
@@ -160,7 +148,7 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
-def _write_results_in_process() -> None:
+def write_results_in_process() -> None:
     """megatron-core's checkpoint writer hands its results back through a multiprocessing Manager
     queue, started at the first save: a spawned server process (~575 MB, it re-imports the entry
     point) that nothing stops when the job is killed. A synchronous save writes from this process's
@@ -172,7 +160,7 @@ def _write_results_in_process() -> None:
 
 
 def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
-                    args: Namespace | None = None, sidecar: dict | None = None, check_space: bool = True,
+                    args: Namespace | None = None, records: dict | None = None, check_space: bool = True,
                     optim_format: str = optimizer_format.DEFAULT, in_background: bool = False) -> Path:
     """Write iter_XXXXXXX under root on every rank; publish it and move `latest` only when complete.
 
@@ -186,7 +174,7 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     state = build_state_dict(chunks, optimizer, scheduler, train_state, args, is_loading=False,
                              optim_format=optim_format)
     if optimizer is not None:
-        sidecar = {**(sidecar or {}), optimizer_format.SIDECAR_KEY: optimizer_format.record(optimizer, chunks, optim_format)}
+        records = {**(records or {}), optimizer_format.SIDECAR_KEY: optimizer_format.record(optimizer, chunks, optim_format)}
     sizes = [0] * dist.get_world_size()
     dist.all_gather_object(sizes, space.state_dict_bytes(state))
     verdict = [_start_save(root, sum(sizes), check_space) if rank == 0 else None]
@@ -198,20 +186,20 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     if rank == 0:
         tmp.mkdir()
     dist.barrier()
-    _write_results_in_process()
+    write_results_in_process()
     final = root / layout.iter_dir_name(train_state.iteration)
     if in_background:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
         # What the sidecar records is taken now: training moves train_state on before the publish.
-        train_state, sidecar = copy.deepcopy(train_state), copy.deepcopy(sidecar)
-        async_save.start(request, lambda complete: _finish_save(complete, tmp, final, root, train_state, sidecar, need))
+        train_state, records = copy.deepcopy(train_state), copy.deepcopy(records)
+        async_save.start(request, lambda complete: _finish_save(complete, tmp, final, root, train_state, records, need))
         return final
     _finish_save(lambda: dist_checkpointing.save(state, str(tmp), async_sharded_save=False),
-                 tmp, final, root, train_state, sidecar, need)
+                 tmp, final, root, train_state, records, need)
     return final
 
 
-def _finish_save(write, tmp: Path, final: Path, root: Path, train_state: TrainState, sidecar: dict | None,
+def _finish_save(write, tmp: Path, final: Path, root: Path, train_state: TrainState, records: dict | None,
                  need: int) -> None:
     """On every rank: complete the write (write()), then rank 0 hashes, records and publishes."""
     rank = dist.get_rank()
@@ -221,7 +209,7 @@ def _finish_save(write, tmp: Path, final: Path, root: Path, train_state: TrainSt
         checksums = integrity.record_checksums(tmp, write=False)
     except (Exception, CheckpointException) as err:  # raised on every rank when any rank's write fails
         _abandon_save(err, tmp, root, rank, need)
-    failure = [_publish_save(tmp, final, root, train_state, sidecar, need, checksums) if rank == 0 else None]
+    failure = [_publish_save(tmp, final, root, train_state, records, need, checksums) if rank == 0 else None]
     # A broadcast, not a barrier: every rank learns of a failure on rank 0 instead of waiting forever.
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
@@ -229,12 +217,12 @@ def _finish_save(write, tmp: Path, final: Path, root: Path, train_state: TrainSt
         raise space.DiskFullError(message) if full else CheckpointError(f"saving {final}: {message}")
 
 
-def _publish_save(tmp: Path, final: Path, root: Path, train_state: TrainState, sidecar: dict | None, need: int,
+def _publish_save(tmp: Path, final: Path, root: Path, train_state: TrainState, records: dict | None, need: int,
                   checksums: "integrity.Checksums"):
     """Rank 0: sidecars, completeness check, publish, tracker; None, or (disk full?, message) on failure."""
     try:
         integrity.write_checksums(tmp, checksums)
-        (tmp / SIDE_CAR).write_text(json.dumps({**asdict(train_state), **(sidecar or {})}, indent=2, default=str))
+        sidecar.write(tmp, train_state, records)
         layout.verify_complete(tmp)
         layout.publish(tmp, final)
         layout.write_tracker(root, train_state.iteration)
@@ -271,19 +259,12 @@ def _abandon_save(err: BaseException, tmp: Path, root: Path, rank: int, need: in
     raise err
 
 
-def _sidecar(ckpt_dir: Path) -> dict:
-    path = Path(ckpt_dir) / SIDE_CAR
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def read_train_state(ckpt_dir: str | Path) -> TrainState:
     """The TrainState of a checkpoint (ours, or Megatron-LM's from its args)."""
     ckpt_dir = layout.resolve_checkpoint(ckpt_dir)
-    sidecar = Path(ckpt_dir) / SIDE_CAR
-    if sidecar.is_file():
-        data = json.loads(sidecar.read_text())
-        return TrainState(**{k: data[k] for k in ("iteration", "consumed_samples", "consumed_tokens")},
-                          extra=dict(data.get("extra", {})))
+    recorded = sidecar.read_train_state(ckpt_dir)
+    if recorded is not None:
+        return recorded
     common = dist_checkpointing.load_common_state_dict(str(ckpt_dir))
     if "pma_train" in common:
         return TrainState(**common["pma_train"])
@@ -305,7 +286,7 @@ def _retarget_to_gpt(model_state: dict, chunks) -> dict:
         retarget_sharded_state_dict_to_gpt_checkpoint,
     )
 
-    pattern = _unwrap(chunks[0]).hybrid_layer_pattern.replace("|", "")
+    pattern = unwrap(chunks[0]).hybrid_layer_pattern.replace("|", "")
     maps = gpt_compatible_layer_maps(pattern)
     for chunk_state in model_state.values():
         retarget_sharded_state_dict_to_gpt_checkpoint(chunk_state, maps)  # in place; returns None
@@ -331,7 +312,7 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     train_state = read_train_state(ckpt)
     optim_format = optimizer_format.DEFAULT
     if optimizer is not None:
-        optim_format = optimizer_format.check_loadable(ckpt, optimizer, chunks, _sidecar(ckpt).get(optimizer_format.SIDECAR_KEY),
+        optim_format = optimizer_format.check_loadable(ckpt, optimizer, chunks, sidecar.read_record(ckpt, optimizer_format.SIDECAR_KEY),
                                                        common.get("args"))
     state = build_state_dict(chunks, optimizer, scheduler, train_state, None, is_loading=True, with_rng=with_rng,
                              optim_format=optim_format)
@@ -350,13 +331,13 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
         raise
     verification.finish()
     for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+        unwrap(chunk).load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
     if optimizer is not None:
         with torch.no_grad():  # dp_reshardable copies into fp32 main params that are the model's leaves
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
         if not _torch_adam():
-            _integer_group_steps(optimizer)
+            integer_group_steps(optimizer)
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if with_rng and "rng_state" in loaded:

@@ -13,11 +13,12 @@ import sys
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.checkpoint.check import CheckConfig, format_table, timed_check
 from pma_train.checkpoint.layout import CheckpointError
 from pma_train.conf import CONF_DIR
+from pma_train.config import to_config
 
 # hydra options that take the next argument as their value: not a path
 _VALUE_OPTIONS = {"-cn", "-cp", "-cd", "--config-name", "--config-path", "--config-dir"}
@@ -25,7 +26,7 @@ _VALUE_OPTIONS = {"-cn", "-cp", "-cd", "--config-name", "--config-path", "--conf
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="check")
 def _run(node: DictConfig) -> None:
-    cfg: CheckConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CheckConfig), node))
+    cfg: CheckConfig = to_config(CheckConfig, node)
     try:
         if not cfg.path:
             raise CheckpointError("path: give a checkpoint or a root, e.g. 'pma-check ckpt/run1'")

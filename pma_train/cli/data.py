@@ -17,10 +17,10 @@ import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.conf import CONF_DIR, register_configs
-from pma_train.config import DataPrepConfig, TokenizerConfig
+from pma_train.config import DataPrepConfig, TokenizerConfig, to_config
 
 # Must match pma_train.data.prepare (not imported here: it pulls in torch, and --help and the
 # checks should answer at once).
@@ -155,7 +155,7 @@ def run(cfg: DataPrepConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="data")
 def _run(node: DictConfig) -> None:
-    run(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataPrepConfig), node)))
+    run(to_config(DataPrepConfig, node))
 
 
 def main() -> None:

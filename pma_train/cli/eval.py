@@ -7,27 +7,23 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.checkpoint.layout import CheckpointError, check_loadable
 from pma_train.cli.common import check_perf_for_host
 from pma_train.cli.quiet import quiet_third_party
 from pma_train.conf import CONF_DIR, register_configs
-from pma_train.config import ConfigError, EvalConfig, validate
+from pma_train.config import ConfigError, EvalConfig, to_config, validate_eval
 from pma_train.platform import PlatformError, check_devices
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _run(node: DictConfig) -> None:
-    cfg: EvalConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), node))
+    cfg: EvalConfig = to_config(EvalConfig, node)
     if not cfg.logging.verbose:
         quiet_third_party()
     try:
-        validate(cfg)
-        if cfg.train.eval_iters < 1:  # 0 turns a training run's evaluation off; here it would give 0.0
-            raise ConfigError(f"train.eval_iters: pma-eval needs at least 1, got {cfg.train.eval_iters}")
-        if not cfg.checkpoints:
-            raise ConfigError("checkpoints: give at least one checkpoint, e.g. 'checkpoints=[ckpt/run1]'")
+        validate_eval(cfg)
         check_devices(cfg.parallel.backend)
         check_perf_for_host(cfg)
         for path in cfg.checkpoints:

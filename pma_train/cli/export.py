@@ -7,9 +7,10 @@ import sys
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.conf import CONF_DIR, register_configs
+from pma_train.config import to_config
 from pma_train.export.config import ExportConfig
 
 
@@ -37,7 +38,7 @@ def print_plan(plan) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def _run(node: DictConfig) -> None:
-    cfg: ExportConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExportConfig), node))
+    cfg: ExportConfig = to_config(ExportConfig, node)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank0 = int(os.environ.get("RANK", "0")) == 0
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.checkpoint.layout import CheckpointError, read_tracker, verify_complete
 from pma_train.conf import CONF_DIR
-from pma_train.config import ConfigError, MergeConfig, validate_merge
+from pma_train.config import ConfigError, MergeConfig, to_config, validate_merge
 from pma_train.merge import SelectionError, WeightError, merge_weights, resolve_inputs, select_spaced
 from pma_train.merge.select import sort_oldest_first, verify_deepspeed
 
@@ -65,7 +65,7 @@ def print_selection(inputs, weights, note: str | None = None) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="merge")
 def _run(node: DictConfig) -> None:
-    cfg: MergeConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MergeConfig), node))
+    cfg: MergeConfig = to_config(MergeConfig, node)
     try:
         validate_merge(cfg)
         inputs, weights, note = selection(cfg)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.conf import CONF_DIR, register_configs
-from pma_train.config import ConfigError
+from pma_train.config import ConfigError, to_config
 from pma_train.plan import BuildError, PlanJobConfig, make_plan
 
 
@@ -24,7 +24,7 @@ def register_plan_configs() -> None:
 
 
 def to_plan_job(node: DictConfig) -> PlanJobConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PlanJobConfig), node))
+    return to_config(PlanJobConfig, node)
 
 
 def compose(overrides: list[str]) -> PlanJobConfig:

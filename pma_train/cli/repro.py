@@ -9,10 +9,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pma_train.conf import CONF_DIR, register_configs
-from pma_train.config import ConfigError
+from pma_train.config import ConfigError, to_config
 from pma_train.repro.config import ReproConfig, validate_repro
 
 
@@ -35,7 +35,7 @@ def run(cfg: ReproConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="repro")
 def _run(node: DictConfig) -> None:
-    cfg: ReproConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ReproConfig), node))
+    cfg: ReproConfig = to_config(ReproConfig, node)
     try:
         validate_repro(cfg)
     except ConfigError as err:

@@ -22,6 +22,7 @@ from pma_train.config.schema import (  # noqa: F401
     JobConfig,
     EvalConfig,
     DataPrepConfig,
+    to_config,
     to_job_config,
     MergeConfig,
 )
@@ -29,10 +30,11 @@ from pma_train.config.checks import (  # noqa: F401
     world_size_from_env,
     track_spacing_iters,
     METHODS,
-    MERGE_DECAY_SHAPES,
     EXIT_SIGNALS,
+    decay_window_iters,
     validate,
     check_writable,
     check_output_dirs,
+    validate_eval,
     validate_merge,
 )

@@ -11,11 +11,16 @@ from typing import Optional
 from pma_train.config.perf import AUTO_FLAGS
 from pma_train.config.schema import (
     ConfigError,
+    EvalConfig,
     JobConfig,
     MergeConfig,
     MergeWeighting,
+    ModelConfig,
+    ParallelConfig,
+    ScheduleConfig,
     TrainConfig,
 )
+from pma_train.decay import CURVE_SHAPES, DECAY_SHAPES
 
 _DENSE_SYMBOLS = set("*-")
 _PATTERN_SYMBOLS = set("*-E|")
@@ -43,7 +48,6 @@ def track_spacing_iters(cfg: JobConfig) -> int:
 METHODS = ("sma", "ema", "wma", "decay")
 # pma_train/checkpoint/optimizer_format.py says what each means.
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
-MERGE_DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def _check_method(prefix: str, w: MergeWeighting, allowed=METHODS) -> None:
@@ -51,8 +55,8 @@ def _check_method(prefix: str, w: MergeWeighting, allowed=METHODS) -> None:
         _fail(prefix + "method", f"'{w.method}' is not one of {', '.join(allowed)}")
     if w.method == "ema" and not 0.0 < w.alpha <= 1.0:
         _fail(prefix + "alpha", f"must be in (0, 1], got {w.alpha}")
-    if w.method == "decay" and w.decay_shape not in MERGE_DECAY_SHAPES:
-        _fail(prefix + "decay_shape", f"'{w.decay_shape}' is not one of {', '.join(MERGE_DECAY_SHAPES)}")
+    if w.method == "decay" and w.decay_shape not in CURVE_SHAPES:
+        _fail(prefix + "decay_shape", f"'{w.decay_shape}' is not one of {', '.join(CURVE_SHAPES)}")
 
 
 def _check_optimizer(t: TrainConfig) -> None:
@@ -173,8 +177,45 @@ def _check_perf(cfg: JobConfig) -> None:
                                       f"sequence_parallel={p.sequence_parallel})")
 
 
-def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
-    """Check that the job can run; raise ConfigError naming the first field that cannot."""
+def decay_window_iters(s: ScheduleConfig, t: TrainConfig, tokens_per_iter: int) -> int:
+    """Length of the WSD decay window in iterations: decay_tokens, else decay_iters, else decay_fraction."""
+    if s.decay_tokens is not None:
+        name, window = "schedule.decay_tokens", round(s.decay_tokens / tokens_per_iter)
+    elif s.decay_iters is not None:
+        name, window = "schedule.decay_iters", s.decay_iters
+    else:
+        name, window = "schedule.decay_fraction", round(s.decay_fraction * t.iters)
+    room = t.iters - s.warmup_iters
+    if not 1 <= window <= room:
+        _fail(name, f"gives a decay of {window} iterations; it must be between 1 and "
+                    f"train.iters - schedule.warmup_iters = {room}")
+    return window
+
+
+def _check_shapes(m: ModelConfig, p: ParallelConfig, t: TrainConfig) -> None:
+    """Shapes megatron-core's modules would reject further in, after the process groups exist."""
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        _fail("model.num_attention_heads", f"{m.num_attention_heads} does not divide hidden_size={m.hidden_size} "
+                                           "(or set model.kv_channels)")
+    if m.num_experts:
+        if not 1 <= m.moe_router_topk <= m.num_experts:
+            _fail("model.moe_router_topk", f"{m.moe_router_topk} is not in [1, num_experts={m.num_experts}]")
+        # Experts are split over expert-TP ranks, as many as TP ranks.
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(m, name)
+            if value and value % p.tp:
+                _fail("parallel.tp", f"{p.tp} does not divide model.{name}={value}")
+    if p.tp > 1 and p.sequence_parallel and t.seq_length % p.tp:
+        _fail("train.seq_length", f"{t.seq_length} is not a multiple of parallel.tp={p.tp} "
+                                  "(sequence parallelism splits the sequence over TP ranks)")
+
+
+def validate(cfg: JobConfig, world_size: Optional[int] = None, *, local_files: bool = True) -> None:
+    """Check that the job can run; raise ConfigError naming the first field that cannot.
+
+    The one validator of a job: pma-train runs it before any process group starts, pma-plan with
+    the world size it plans for and `local_files=False` (planning happens anywhere: the files the job
+    reads, data, tokenizer, checkpoints, need not exist on this host; only that check is skipped)."""
     world_size = world_size_from_env() if world_size is None else world_size
     m, p, t, s = cfg.model, cfg.parallel, cfg.train, cfg.schedule
 
@@ -211,6 +252,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
         _fail("parallel.pp", f"pp*vpp={stages} does not divide the {len(pattern)} layers of '{pattern}'")
     if p.vpp is not None and (p.vpp < 2 or p.pp < 2):
         _fail("parallel.vpp", f"interleaving needs vpp >= 2 and pp >= 2 (vpp={p.vpp}, pp={p.pp})")
+    _check_shapes(m, p, t)
 
     model_parallel = p.tp * p.pp
     if world_size % model_parallel:
@@ -246,8 +288,8 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if s.name not in ("constant", "wsd", "cosine", "anneal"):
         _fail("schedule.name", f"'{s.name}' is not one of constant, wsd, cosine, anneal")
     if s.name == "anneal":
-        if s.decay_shape not in ("linear", "cosine", "1-sqrt"):
-            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt")
+        if s.decay_shape not in CURVE_SHAPES:
+            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of {', '.join(CURVE_SHAPES)}")
         if cfg.checkpoint.load is None:
             _fail("checkpoint.load", "schedule=anneal forks from a checkpoint: set checkpoint.load")
         if Path(cfg.checkpoint.dir).resolve() in (Path(cfg.checkpoint.load).resolve(),
@@ -277,7 +319,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
             _fail("spike.min_history", f"{sp.min_history} exceeds spike.window={sp.window}")
     im = cfg.checkpoint.init_merge
     if im.root is not None:
-        if not Path(im.root).is_dir():
+        if local_files and not Path(im.root).is_dir():
             _fail("checkpoint.init_merge.root", f"{im.root} is not a directory")
         if cfg.checkpoint.init_from is not None:
             _fail("checkpoint.init_merge.root", "give checkpoint.init_from or checkpoint.init_merge.root, not both")
@@ -287,10 +329,11 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if s.name != "constant" and s.warmup_iters >= t.iters:
         _fail("schedule.warmup_iters", f"{s.warmup_iters} must be below train.iters={t.iters} for a decaying schedule")
     if s.name == "wsd":
-        if s.decay_shape not in ("linear", "cosine", "1-sqrt", "exponential"):
-            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of linear, cosine, 1-sqrt, exponential")
+        if s.decay_shape not in DECAY_SHAPES:
+            _fail("schedule.decay_shape", f"'{s.decay_shape}' is not one of {', '.join(DECAY_SHAPES)}")
         if not 0.0 < s.decay_fraction <= 1.0:
             _fail("schedule.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")
+        decay_window_iters(s, t, t.global_batch_size * t.seq_length)
 
     if cfg.checkpoint.interval < 1:
         _fail("checkpoint.interval", f"must be >= 1, got {cfg.checkpoint.interval}")
@@ -299,7 +342,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
               f"'{cfg.checkpoint.optimizer_format}' is not one of {', '.join(OPTIMIZER_FORMATS)}")
     for name in ("load", "init_from"):
         path = getattr(cfg.checkpoint, name)
-        if path is not None and not Path(path).exists():
+        if local_files and path is not None and not Path(path).exists():
             _fail(f"checkpoint.{name}", f"{path} does not exist")
     if cfg.checkpoint.async_save not in (None, True, False):
         _fail("checkpoint.async_save", f"must be true, false or null (on with CUDA), got {cfg.checkpoint.async_save!r}")
@@ -309,7 +352,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
                                       "checkpoint.init_from (weights only, iteration 0), not both")
 
     d = cfg.data
-    for prefix in d.paths:
+    for prefix in d.paths if local_files else ():
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 _fail("data.paths", f"{prefix + suffix} does not exist (give dataset prefixes, without .bin/.idx)")
@@ -320,7 +363,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None) -> None:
     if d.tokenizer.type not in ("byte", "huggingface"):
         _fail("data.tokenizer.type", f"'{d.tokenizer.type}' is not one of byte, huggingface")
     if d.tokenizer.type == "huggingface":
-        if not d.tokenizer.path or not Path(d.tokenizer.path).is_file():
+        if not d.tokenizer.path or (local_files and not Path(d.tokenizer.path).is_file()):
             _fail("data.tokenizer.path", f"a local tokenizer.json is required, got {d.tokenizer.path}")
     if cfg.logging.wandb.mode not in ("disabled", "offline", "online"):
         _fail("logging.wandb.mode", f"'{cfg.logging.wandb.mode}' is not one of disabled, offline, online")
@@ -354,8 +397,16 @@ def check_output_dirs(cfg: JobConfig) -> None:
     check_writable("checkpoint.dir", cfg.checkpoint.dir)
 
 
-# ----------------------------------------------------------------------------- pma-merge
+# ----------------------------------------------------------------------------- pma-eval
 
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """The job's checks, then what evaluating checkpoints needs."""
+    validate(cfg)
+    if cfg.train.eval_iters < 1:  # 0 turns a training run's evaluation off; here it would give 0.0
+        _fail("train.eval_iters", f"pma-eval needs at least 1, got {cfg.train.eval_iters}")
+    if not cfg.checkpoints:
+        _fail("checkpoints", "give at least one checkpoint, e.g. 'checkpoints=[ckpt/run1]'")
 
 
 # ----------------------------------------------------------------------------- pma-merge

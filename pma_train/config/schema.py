@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 
 class ConfigError(ValueError):
@@ -367,14 +367,23 @@ class DataPrepConfig:
     progress_bar: bool = True
 
 
-def to_job_config(cfg: Any) -> JobConfig:
-    """An OmegaConf node (or a JobConfig) as a plain JobConfig object with resolved values."""
+Schema = TypeVar("Schema")
+
+
+def to_config(schema: type[Schema], node: Any) -> Schema:
+    """A hydra / OmegaConf node (or already a `schema` object) as a plain `schema` object with resolved
+    values: the node merged onto the dataclass's defaults, so OmegaConf refuses unknown keys and wrong
+    types by name. Every entry point takes this one step from its hydra config to its typed one."""
     from omegaconf import OmegaConf
 
-    if isinstance(cfg, JobConfig):
-        return cfg
-    merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
-    return OmegaConf.to_object(merged)
+    if isinstance(node, schema):
+        return node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """An OmegaConf node (or a JobConfig) as a plain JobConfig object with resolved values."""
+    return to_config(JobConfig, cfg)
 
 
 # ----------------------------------------------------------------------------- validation

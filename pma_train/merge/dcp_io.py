@@ -54,7 +54,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _itemsize(self.dtype)
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _chunk_sizes(metadata: Metadata, index: MetadataIndex) -> tuple[int, ...]:
     raise ValueError(f"{index.fqn}: no chunk at offset {tuple(index.offset)} in the metadata")
 
 
-def _itemsize(dtype: torch.dtype) -> int:
+def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
@@ -217,7 +217,7 @@ class ChunkReader:
         header = os.pread(fd, 30, chunk.offset + info.header_offset)
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         data_offset = chunk.offset + info.header_offset + 30 + name_len + extra_len
-        return _Located(data_offset + record.storage_offset * _itemsize(dtype), dtype, record.size)
+        return _Located(data_offset + record.storage_offset * itemsize(dtype), dtype, record.size)
 
     def read_rows(self, chunk: StoredChunk, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a stored chunk (elements, for 1-D chunks), shape (stop-start, *sizes[1:])."""
@@ -229,12 +229,12 @@ class ChunkReader:
             return self._pread_tensor(chunk.file, located.data_offset, 1, located.dtype).reshape(())
         row = math.prod(chunk.sizes[1:])
         count = (stop - start) * row
-        offset = located.data_offset + start * row * _itemsize(located.dtype)
+        offset = located.data_offset + start * row * itemsize(located.dtype)
         flat = self._pread_tensor(chunk.file, offset, count, located.dtype)
         return flat.view(stop - start, *chunk.sizes[1:])
 
     def _pread_tensor(self, path: Path, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = count * _itemsize(dtype)
+        nbytes = count * itemsize(dtype)
         if not nbytes:
             return torch.empty(0, dtype=dtype)
         # One reused scratch buffer: fresh large allocations (page faults) cost more than the copy.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import integrity, layout, space
+from pma_train.checkpoint import integrity, layout, sidecar, space
 from pma_train.checkpoint.layout import is_optimizer_key
 from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
@@ -29,8 +29,8 @@ from pma_train.merge.dcp_io import (
     ChunkReader,
     ChunkWriter,
     TensorEntry,
-    _itemsize,
     assemble_metadata,
+    itemsize,
 )
 from pma_train.merge.plan import Piece, PlanError, assign, check_compatible, plan_pieces
 from pma_train.merge.select import CheckpointInfo
@@ -304,7 +304,7 @@ def _strips(piece: Piece, entries: list[TensorEntry]):
     if not piece.sizes:
         yield slice(None), piece
         return
-    widest = max(math.prod(c.sizes[1:]) * _itemsize(e.dtype) for e in entries for c in e.chunks)
+    widest = max(math.prod(c.sizes[1:]) * itemsize(e.dtype) for e in entries for c in e.chunks)
     rows = max(1, _STRIP_BYTES // max(widest, 1))
     for start in range(0, piece.sizes[0], rows):
         count = min(rows, piece.sizes[0] - start)
@@ -364,11 +364,11 @@ def _finish(request: MergeRequest, indexes, keys, out_dtype, tmp: Path, tensors,
     metadata = assemble_metadata(newest_index.metadata, shapes, tensors, writer.byte_entries)
     with open(tmp / ".metadata", "wb") as f:
         pickle.dump(metadata, f)
-    for name in ("metadata.json", "common.pt", layout.TRAIN_STATE_SIDECAR):
+    for name in ("metadata.json", "common.pt", sidecar.FILE):
         if (newest.path / name).is_file():
             shutil.copy2(newest.path / name, tmp / name)
     provenance = {
-        "tool": "pma-merge", "version": _version(), "method": request.method, "alpha": request.alpha,
+        "tool": "pma-merge", "version": package_version(), "method": request.method, "alpha": request.alpha,
         "decay_shape": request.decay_shape,
         "inputs": [{"path": str(i.path), "iteration": i.iteration, "consumed_tokens": i.consumed_tokens, "weight": w}
                    for i, w in zip(request.inputs, request.weights)],
@@ -394,7 +394,7 @@ def _write_checksums(tmp: Path, tensors, byte_entries) -> None:
     integrity.write_checksums(tmp, integrity.Checksums(integrity.ALGORITHM, chunks, files))
 
 
-def _version() -> str:
+def package_version() -> str:
     try:
         from importlib.metadata import version
 

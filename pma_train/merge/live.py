@@ -14,7 +14,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from pma_train.checkpoint import extra_state, integrity, layout
-from pma_train.checkpoint.state import _unwrap, model_sharded_state_dict
+from pma_train.checkpoint.state import model_sharded_state_dict, unwrap
 
 
 def _tensors(node, prefix=""):
@@ -55,4 +55,4 @@ def average_into_model(chunks: list[torch.nn.Module], checkpoints: list[str | Pa
                 model_state[name] = merged.to(model_state[name].dtype)
     for index, chunk in enumerate(chunks):
         key = "model" if len(chunks) == 1 else f"model{index}"
-        _unwrap(chunk).load_state_dict(newest_state[key], strict=True)
+        unwrap(chunk).load_state_dict(newest_state[key], strict=True)

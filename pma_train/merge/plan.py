@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pma_train.merge.dcp_io import CheckpointIndex, TensorEntry, _itemsize
+from pma_train.merge.dcp_io import CheckpointIndex, TensorEntry, itemsize
 
 
 class PlanError(ValueError):
@@ -59,12 +59,12 @@ def plan_pieces(indexes: list[CheckpointIndex], keys: list[str], budget_bytes: i
     """Pieces of every output key, in the newest input's layout of that key; `read_keys` names
     what each input contributes to a key when that is another tensor (default: the key itself)."""
     pieces = []
-    acc_size = _itemsize(accumulate)
+    acc_size = itemsize(accumulate)
     for key in keys:
         reads = (read_keys or {}).get(key) or (key,) * len(indexes)
         entries = [index.tensors[read] for index, read in zip(indexes, reads)]
-        in_size = max(_itemsize(e.dtype) for e in entries)
-        out_size = _itemsize(output_dtypes[key])
+        in_size = max(itemsize(e.dtype) for e in entries)
+        out_size = itemsize(output_dtypes[key])
         read_row = _max_row_elements(entries) * (in_size + acc_size)  # a read block and its conversion
         for chunk in indexes[-1].tensors[key].chunks:
             if not chunk.sizes:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, sidecar
 from pma_train.checkpoint.layout import CheckpointError
 from pma_train.merge.ds import layout as ds  # detection only: filesystem, no torch
-
-SIDE_CAR = layout.TRAIN_STATE_SIDECAR
 
 
 class SelectionError(ValueError):
@@ -32,10 +29,9 @@ def describe(path: str | Path, seq_length: int | None = None) -> CheckpointInfo:
     if _is_deepspeed(Path(path)):
         return _describe_deepspeed(Path(path), seq_length=seq_length)
     ckpt = layout.resolve_checkpoint(path)
-    sidecar = ckpt / SIDE_CAR
-    if sidecar.is_file():
-        data = json.loads(sidecar.read_text())
-        return CheckpointInfo(ckpt, int(data["iteration"]), int(data["consumed_tokens"]))
+    progress = sidecar.read_progress(ckpt)
+    if progress is not None:
+        return CheckpointInfo(ckpt, *progress)
     iteration = layout.iteration_of(ckpt)
     tokens = _megatron_tokens(ckpt)
     return CheckpointInfo(ckpt, iteration if iteration is not None else -1, tokens)

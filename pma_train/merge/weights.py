@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from pma_train.decay import CURVE_SHAPES, DECAY_SHAPES
+
 
 class WeightError(ValueError):
     pass
@@ -26,14 +28,6 @@ def wma(n: int) -> list[float]:
     return [i / total for i in range(1, n + 1)]
 
 
-# Learning-rate shapes on [0, 1]: 1 at the start of a decay, 0 at its end (the schedule's shapes).
-DECAY_SHAPES = {
-    "linear": lambda u: 1.0 - u,
-    "cosine": lambda u: 0.5 * (1.0 + math.cos(math.pi * u)),
-    "1-sqrt": lambda u: 1.0 - math.sqrt(u),
-}
-
-
 def decay(n: int, shape: str) -> list[float]:
     """Weights whose average equals annealing the LR with `shape` over the merge window (WSM).
 
@@ -44,9 +38,9 @@ def decay(n: int, shape: str) -> list[float]:
     c_i = shape(i / n) - shape((i + 1) / n). Linear decay is exactly SMA; cosine and 1-sqrt
     weigh older checkpoints more, as their LR drops earlier.
     """
-    if shape not in DECAY_SHAPES:
-        raise WeightError(f"unknown decay_shape '{shape}' (one of {', '.join(DECAY_SHAPES)})")
-    f = DECAY_SHAPES[shape]
+    if shape not in CURVE_SHAPES:
+        raise WeightError(f"unknown decay_shape '{shape}' (one of {', '.join(CURVE_SHAPES)})")
+    f = DECAY_SHAPES[shape].curve
     return [f(i / n) - f((i + 1) / n) for i in range(n)]
 
 

@@ -25,21 +25,21 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.transformer import TransformerConfig
 
 # Output projections of residual branches get megatron's depth-scaled init.
-_SCALED_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
+SCALED_SUFFIXES = ("linear_proj.weight", "linear_fc2.weight")
 # Host buffer for drawn rows (fp32); a row longer than this still gets a block of one row.
 BLOCK_BYTES = 64 * 2**20
 
 
-def _sharded_tensors(node) -> Iterator[ShardedTensor]:
+def sharded_tensors(node) -> Iterator[ShardedTensor]:
     if isinstance(node, dict):
         for value in node.values():
-            yield from _sharded_tensors(node=value)
+            yield from sharded_tensors(node=value)
     elif isinstance(node, (list, tuple)):
         for value in node:
-            yield from _sharded_tensors(value)
+            yield from sharded_tensors(value)
     elif isinstance(node, ShardedTensorFactory):
         # e.g. SwiGLU's fc1: two shards that are views of one parameter.
-        yield from _sharded_tensors(node.build())
+        yield from sharded_tensors(node.build())
     elif isinstance(node, ShardedTensor):
         yield node
 
@@ -108,9 +108,9 @@ def initialise_layout_invariant(model: torch.nn.Module, seed: int, config: Trans
     scaled_std = config.init_method_std / math.sqrt(multiplier * config.num_layers)
     threads = init_threads()
     with ThreadPoolExecutor(threads) as pool:
-        for sh in _sharded_tensors(model.sharded_state_dict()):
+        for sh in sharded_tensors(model.sharded_state_dict()):
             # Vectors (norm weights, biases, router buffers) start constant: already layout-free.
             if sh.data.dim() < 2 or not sh.data.is_floating_point():
                 continue
-            std = scaled_std if sh.key.endswith(_SCALED_SUFFIXES) else config.init_method_std
+            std = scaled_std if sh.key.endswith(SCALED_SUFFIXES) else config.init_method_std
             fill_normal_layout_invariant(sh, seed, std, pool, threads)

@@ -96,13 +96,13 @@ def count_model(cfg: JobConfig, vocab_size: int, full: bool = False) -> ModelCou
     layers: dict[str, Tally] = {}
     embedding, output = Tally(), Tally()
     built: dict[object, list[_Chunk]] = {}
-    with _quiet(), _meta_build_environment():
+    with quiet(), meta_build_environment():
         for pp_rank in range(p.pp):
             # Reduced builds of the middle stages are identical: build one of them.
             key = pp_rank if full or pp_rank in (0, p.pp - 1) else "middle"
             if key not in built:
-                with _fake_rank(cfg, pp_rank):
-                    built[key] = [_Chunk.of(module, p.tp, p.ep, tied, full) for module in _build(build_cfg, vocab_size)]
+                with fake_rank(cfg, pp_rank):
+                    built[key] = [_Chunk.of(module, p.tp, p.ep, tied, full) for module in build_chunks(build_cfg, vocab_size)]
             for vp, chunk in enumerate(built[key]):
                 segment = segments[vp * p.pp + pp_rank]
                 for symbol, tally in chunk.per_layer.items():
@@ -197,7 +197,7 @@ def _padded_vocab(module) -> int:
 # ----------------------------------------------------------------------------- building
 
 
-def _build(cfg: JobConfig, vocab_size: int) -> list:
+def build_chunks(cfg: JobConfig, vocab_size: int) -> list:
     from pma_train.model.build import build_model
     from pma_train.platform import Platform
 
@@ -211,7 +211,7 @@ def _build(cfg: JobConfig, vocab_size: int) -> list:
 
 
 @contextlib.contextmanager
-def _meta_build_environment():
+def meta_build_environment():
     """megatron-core buildable on this host (on the meta device) for the duration of the block only:
     pma-plan also runs inside other processes (tests, notebooks) that must not stay patched."""
     if torch.cuda.is_available():
@@ -224,7 +224,7 @@ def _meta_build_environment():
 
 
 @contextlib.contextmanager
-def _fake_rank(cfg: JobConfig, pp_rank: int):
+def fake_rank(cfg: JobConfig, pp_rank: int):
     """This process as the first rank of pipeline stage `pp_rank` of a fake world."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -254,7 +254,7 @@ def _fake_rank(cfg: JobConfig, pp_rank: int):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """megatron-core's per-stage INFO lines and deprecation warnings say nothing about a plan."""
     logger = logging.getLogger("megatron")
     level = logger.level

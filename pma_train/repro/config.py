@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pma_train.config import ConfigError
+from pma_train.decay import CURVE_SHAPES
 
 # All pma-train runs of the experiment share these (CPU default: 8 x 64 = 512 tokens per iteration).
 _CPU_RUN = ["train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_length=64",
@@ -68,9 +69,9 @@ def parse_method(spec: str) -> dict:
         return {"method": name}
     if name == "ema" and arg:
         return {"method": "ema", "alpha": float(arg)}
-    if name == "decay" and arg in ("linear", "cosine", "1-sqrt"):
+    if name == "decay" and arg in CURVE_SHAPES:
         return {"method": "decay", "decay_shape": arg}
-    raise ConfigError(f"methods: '{spec}' is not sma, wma, ema:<alpha> or decay:<linear|cosine|1-sqrt>")
+    raise ConfigError(f"methods: '{spec}' is not sma, wma, ema:<alpha> or decay:<{'|'.join(CURVE_SHAPES)}>")
 
 
 def validate_repro(cfg: ReproConfig) -> None:

@@ -10,20 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pma_train import metrics
+from pma_train.slurm_env import free_port
 from pma_train.repro.config import ReproConfig, parse_method
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_metrics(run_dir: Path, kind: str) -> list[dict]:
@@ -46,7 +40,7 @@ class Experiment:
     def launch(self, module: str, args: list[str], log: Path) -> None:
         # Through bash, so a cluster launcher may use the allocation's variables ($SLURM_NNODES, ...).
         launcher = self.cfg.launcher.format(python=shlex.quote(sys.executable), nproc=self.cfg.nproc,
-                                            port=_free_port(), module=module)
+                                            port=free_port(), module=module)
         cmd = ["bash", "-c", launcher + " " + " ".join(shlex.quote(a) for a in args)]
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}

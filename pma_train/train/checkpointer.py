@@ -9,7 +9,8 @@ from pma_train.checkpoint import layout
 from pma_train.checkpoint.lock import RootLock
 from pma_train.checkpoint.megatron_args import megatron_args
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
-from pma_train.checkpoint.state import TrainState, load_checkpoint, save_checkpoint
+from pma_train.checkpoint.sidecar import TrainState
+from pma_train.checkpoint.state import load_checkpoint, save_checkpoint
 from pma_train.config import JobConfig
 
 
@@ -37,10 +38,10 @@ class Checkpointer:
         self.last_saved_iteration = state.iteration
         return path
 
-    def save_weights(self, root: Path, model, state: TrainState, sidecar: dict) -> Path:
-        """Model weights only (a merge), under another root, with extra side-car entries."""
+    def save_weights(self, root: Path, model, state: TrainState, records: dict) -> Path:
+        """Model weights only (a merge), under another root, with extra records in its sidecar."""
         return save_checkpoint(root, model, None, None, state, megatron_args(self.cfg, state, self.padded_vocab_size),
-                               sidecar=sidecar)
+                               records=records)
 
     def load_initial(self, model, optimizer, scheduler) -> tuple[TrainState, Path | None, list[str]]:
         """(state, the checkpoint this job continues from or None, lines for the log) of a job's start.

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout, rng
 from pma_train.checkpoint.lock import acquire_on_rank0
-from pma_train.checkpoint.state import TrainState
+from pma_train.checkpoint.sidecar import TrainState
 from pma_train.config import JobConfig, validate
 from pma_train.config.perf import cuda_connections
 from pma_train.data import EvalIterator, MicroBatchIterator, build_datasets, build_tokenizer

@@ -45,7 +45,7 @@ class TrackedMerge(Callback):
             loss = trainer.evaluate()
             if tr.save:
                 merged = trainer.run_dir / "merged"
-                trainer.checkpointer.save_weights(merged, trainer.model, trainer.state, sidecar={"pma_track": {
+                trainer.checkpointer.save_weights(merged, trainer.model, trainer.state, records={"pma_track": {
                     "iterations": self.tracker.iterations, "weights": self.tracker.weights(), "method": tr.method}})
                 if tr.save_keep_last is not None and trainer.rank0:
                     prune(merged, tr.save_keep_last, None, None)

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from pma_train.checkpoint import async_save, rng
-from pma_train.checkpoint.state import TrainState
+from pma_train.checkpoint.sidecar import TrainState
 from pma_train.config import JobConfig
 from pma_train.config.perf import summary as perf_summary
 from pma_train.model.flops import model_flops_per_token

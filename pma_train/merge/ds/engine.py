@@ -39,7 +39,7 @@ from pma_train.merge.ds.plan import (
     plan,
     unit_bytes,
 )
-from pma_train.merge.engine import DTYPES, PROVENANCE, TMP_PREFIX, MergeError, MergeRequest, MergeSummary, _version
+from pma_train.merge.engine import DTYPES, PROVENANCE, TMP_PREFIX, MergeError, MergeRequest, MergeSummary, package_version
 from pma_train.merge.plan import Piece, assign
 from pma_train.rss import PeakRss
 
@@ -239,7 +239,7 @@ def _write_model_states(request: MergeRequest, ds_plan, unit: ModelUnit | LayerU
 def _finish(request: MergeRequest, ds_plan, tmp: Path, final: Path, files, summary: MergeSummary) -> None:
     """Rank 0: provenance, checksums, publish, `latest`."""
     provenance = {
-        "tool": "pma-merge", "version": _version(), "format": "deepspeed", "zero_stage": ds_plan.zero_stage,
+        "tool": "pma-merge", "version": package_version(), "format": "deepspeed", "zero_stage": ds_plan.zero_stage,
         "method": request.method, "alpha": request.alpha, "decay_shape": request.decay_shape,
         "inputs": [{"path": str(i.path), "iteration": i.iteration, "consumed_tokens": i.consumed_tokens, "weight": w}
                    for i, w in zip(request.inputs, request.weights)],
