@@ -1,6 +1,6 @@
 """The `perf` settings (schema.PerfConfig, and model.moe_grouped_gemm) resolved once at start for the
 host the job runs on: a pure function of the config and what the host offers (`Host`), so the table
-of defaults can be tested without a GPU. Static checks of the same keys are in checks.py.
+of defaults can be tested without a GPU. Static checks of the same keys: check_perf (run by config.validate).
 
 Auto (null) values follow megatron-core's requirements and Megatron-LM's defaults: on with CUDA where
 the kernels they need exist, off on CPU (where every fusion is a CUDA kernel, and CPU numerics stay
@@ -42,6 +42,89 @@ AUTO_FLAGS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_f
 
 def _fail(name: str, message: str) -> None:
     raise ConfigError(f"{name}: {message}")
+
+
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts")
+MOE_DISPATCHERS = ("allgather", "alltoall", "flex")
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        _fail(name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_perf(cfg: JobConfig) -> None:
+    """The `perf` keys (and the MoE dispatcher's) by themselves, part of config.validate; what the
+    host must offer them is checked when they are resolved (resolve below)."""
+    pf, m, p = cfg.perf, cfg.model, cfg.parallel
+    for name in AUTO_FLAGS:
+        _one_of(f"perf.{name}", getattr(pf, name), (None, True, False))
+    _one_of("perf.tp_comm_overlap", pf.tp_comm_overlap, (True, False))
+    _one_of("model.moe_grouped_gemm", m.moe_grouped_gemm, (None, True, False))
+    _one_of("perf.cross_entropy_fusion_impl", pf.cross_entropy_fusion_impl, ("native", "te"))
+    if pf.bucket_size is not None and not pf.bucket_size >= 1:
+        _fail("perf.bucket_size", f"must be >= 1 element (or null: megatron-core's default), got {pf.bucket_size}")
+    if pf.overlap_param_gather and not p.use_distributed_optimizer:
+        _fail("perf.overlap_param_gather", "gathers the distributed optimizer's parameters: needs "
+                                           "parallel.use_distributed_optimizer=true")
+    if pf.overlap_param_gather and pf.overlap_grad_reduce is False:
+        _fail("perf.overlap_param_gather", "needs perf.overlap_grad_reduce (Megatron-LM refuses one without the other)")
+    if pf.overlap_p2p_comm and p.vpp is None:
+        _fail("perf.overlap_p2p_comm", "overlaps the interleaved pipeline schedule's p2p: needs parallel.vpp")
+    if pf.cuda_device_max_connections is not None and not pf.cuda_device_max_connections >= 1:
+        _fail("perf.cuda_device_max_connections", f"must be >= 1, got {pf.cuda_device_max_connections}")
+    if pf.bias_activation_fusion and not (m.activation == "swiglu" or m.add_bias_linear):
+        _fail("perf.bias_activation_fusion", "megatron-core fuses GeLU only with a bias: needs model.add_bias_linear")
+    if pf.apply_rope_fusion and m.position_embedding_type != "rope":
+        _fail("perf.apply_rope_fusion", f"needs model.position_embedding_type=rope, got {m.position_embedding_type}")
+    if pf.moe_router_dtype is not None:
+        _one_of("perf.moe_router_dtype", pf.moe_router_dtype, ("fp32", "fp64", "param"))
+    _one_of("model.moe_token_dispatcher_type", m.moe_token_dispatcher_type, MOE_DISPATCHERS)
+    _one_of("model.moe_flex_dispatcher_backend", m.moe_flex_dispatcher_backend, ("deepep", "hybridep"))
+
+    if pf.fp8 is not None:
+        _one_of("perf.fp8", pf.fp8, FP8_FORMATS)
+        _one_of("perf.fp8_recipe", pf.fp8_recipe, FP8_RECIPES)
+        _one_of("perf.fp8_amax_compute_algo", pf.fp8_amax_compute_algo, ("most_recent", "max"))
+        if not pf.fp8_amax_history_len >= 1:
+            _fail("perf.fp8_amax_history_len", f"must be >= 1, got {pf.fp8_amax_history_len}")
+        if not pf.fp8_margin >= 0:
+            _fail("perf.fp8_margin", f"must be >= 0, got {pf.fp8_margin}")
+
+    g = pf.recompute_granularity
+    if g is not None:
+        _one_of("perf.recompute_granularity", g, ("selective", "full"))
+    if g == "full":
+        _one_of("perf.recompute_method", pf.recompute_method, ("uniform", "block"))
+        per_chunk = len(m.pattern().replace("|", "")) // (p.pp * (p.vpp or 1))
+        n = pf.recompute_num_layers
+        if n is None or not 1 <= n <= per_chunk:
+            _fail("perf.recompute_num_layers", f"full recompute needs 1 <= recompute_num_layers <= {per_chunk} "
+                                               f"(the layers of a pipeline chunk), got {n}")
+    else:
+        for name in ("recompute_method", "recompute_num_layers"):
+            if getattr(pf, name) is not None:
+                _fail(f"perf.{name}", "only full recompute uses it (perf.recompute_granularity=full)")
+    if pf.recompute_modules and g != "selective":
+        _fail("perf.recompute_modules", "only selective recompute uses it (perf.recompute_granularity=selective)")
+    for module in pf.recompute_modules:
+        _one_of("perf.recompute_modules", module, RECOMPUTE_MODULES)
+    if g == "selective" and {"moe", "moe_act", "shared_experts"} & set(pf.recompute_modules) and not m.num_experts:
+        _fail("perf.recompute_modules", f"{pf.recompute_modules} name MoE modules, and the model has no experts")
+
+    if g == "selective" and pf.fp8 and pf.fp8_recipe == "delayed" and {"moe_act", "layernorm"} & set(pf.recompute_modules):
+        _fail("perf.recompute_modules", "megatron-core cannot recompute moe_act / layernorm under FP8 delayed scaling "
+                                        "(perf.fp8_recipe=tensorwise can)")
+    _one_of("perf.cuda_graph_impl", pf.cuda_graph_impl, ("none", "local", "transformer_engine"))
+    if pf.cuda_graph_impl != "none" and g == "full":
+        _fail("perf.cuda_graph_impl", "megatron-core captures no graph of a fully recomputed layer: "
+                                      "use recompute_granularity=selective or cuda_graph_impl=none")
+    if pf.tp_comm_overlap and not (p.tp > 1 and p.sequence_parallel):
+        _fail("perf.tp_comm_overlap", f"overlaps sequence-parallel TP communication: needs parallel.tp > 1 "
+                                      f"and parallel.sequence_parallel=true (tp={p.tp}, "
+                                      f"sequence_parallel={p.sequence_parallel})")
 
 
 def _choose(name: str, value: Optional[bool], auto: bool, can: bool, needs: str, host: Host) -> bool:
