@@ -7,7 +7,10 @@ names the newest tag. In a tag directory, per model-parallel rank `mp`:
   `[bf16_]zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt` (that rank's fp32 master partition, its
   optimizer moments, and where each parameter's fragment sits in the partition);
 - ZeRO stage 3: `zero_pp_rank_<dp>_mp_rank_<mp>_model_states.pt` per rank (no parameter data) and
-  the same optim_states files.
+  the same optim_states files;
+- a universal checkpoint (DeepSpeed's ds_to_universal): the model-states files of the checkpoint it
+  was made from and, instead of the partition files, `zero/<parameter name>/fp32.pt` (the whole fp32
+  master weight) beside its optimizer moments.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ _OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt
 _MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _STEP = re.compile(r"global_step(\d+)$")
+UNIVERSAL_DIR = "zero"
+UNIVERSAL_FP32 = "fp32.pt"
 # Written beside the data by pma-merge (provenance, checksums) or by DeepSpeed (nothing else).
 SIDE_FILES = frozenset({"pma_merge.json", "checksums.json"})
 
@@ -35,6 +40,7 @@ class DsCheckpoint:
     path: Path
     model_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp or -1) -> name
     optim_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp) -> name
+    universal: bool = False  # fp32 weights in zero/<name>/fp32.pt, no optim_files
 
     @property
     def zero3(self) -> bool:
@@ -46,7 +52,15 @@ class DsCheckpoint:
 
     @property
     def mp_size(self) -> int:
-        return len({mp for mp, _ in self.optim_files})
+        return len({mp for mp, _ in self.model_files})
+
+    def describe(self) -> str:
+        if self.universal:
+            return "a universal checkpoint"
+        return f"ZeRO-{'3' if self.zero3 else '1/2'} files of DP={self.dp_size} MP={self.mp_size}"
+
+    def universal_file(self, name: str) -> Path:
+        return self.path / UNIVERSAL_DIR / name / UNIVERSAL_FP32
 
     def model_file(self, mp: int) -> str:
         """The model_states file holding this mp rank's parameter shapes (dp rank 0's under ZeRO-3)."""
@@ -55,7 +69,11 @@ class DsCheckpoint:
 
 def is_ds_tag(path: Path) -> bool:
     path = Path(path)
-    return path.is_dir() and any(_OPTIM.match(p.name) for p in path.iterdir())
+    if not path.is_dir():
+        return False
+    names = [p.name for p in path.iterdir()]
+    return any(_OPTIM.match(n) for n in names) or (
+        UNIVERSAL_DIR in names and any(_MODEL.match(n) or _ZERO3_MODEL.match(n) for n in names))
 
 
 def is_ds_root(path: Path) -> bool:
@@ -118,11 +136,15 @@ def scan(tag_dir: Path) -> DsCheckpoint:
             ckpt.model_files[(int(m.group(1)), -1)] = name
         elif (m := _ZERO3_MODEL.match(name)):
             ckpt.model_files[(int(m.group(2)), int(m.group(1)))] = name
+        elif name == UNIVERSAL_DIR and path.is_dir():
+            ckpt.universal = True
         elif name not in SIDE_FILES:
             others.append(name)
     if others:
         raise DsLayoutError(f"{tag_dir}: files this merge does not read: {others[:4]} (pipeline-parallel "
-                            "layer files and universal checkpoints are not supported yet)")
+                            "layer files are not supported yet)")
+    if ckpt.universal:
+        return _check_universal(ckpt)
     mps = sorted({mp for mp, _ in ckpt.optim_files})
     dps = sorted({dp for _, dp in ckpt.optim_files})
     if not mps:
@@ -139,4 +161,18 @@ def scan(tag_dir: Path) -> DsCheckpoint:
                 name = (f"zero_pp_rank_{key[1]}_mp_rank_{mp:02d}_model_states.pt" if ckpt.zero3
                         else f"mp_rank_{mp:02d}_model_states.pt")
                 raise DsLayoutError(f"{tag_dir}: {name} is missing")
+    return ckpt
+
+
+def _check_universal(ckpt: DsCheckpoint) -> DsCheckpoint:
+    """A universal checkpoint: the model-states file naming the parameters, no partition files."""
+    if ckpt.optim_files:
+        raise DsLayoutError(f"{ckpt.path}: both a universal checkpoint ({UNIVERSAL_DIR}/) and partition files "
+                            f"({sorted(ckpt.optim_files.values())[:2]}): which one is the checkpoint?")
+    if not ckpt.model_files:
+        raise DsLayoutError(f"{ckpt.path}: a universal checkpoint ({UNIVERSAL_DIR}/) without the model-states "
+                            "file that names its parameters (*model_states.pt)")
+    if ckpt.mp_size != 1:
+        raise DsLayoutError(f"{ckpt.path}: a universal checkpoint of a model-parallel run (MP={ckpt.mp_size}): "
+                            "its parameters are whole, this merge does not slice them for tensor parallelism")
     return ckpt
