@@ -141,6 +141,8 @@ def test_inputs_of_other_dp_sizes_stages_or_universal_merge_to_the_weighted_sum(
     assert sorted(p.name for p in (out / newest.name).glob("*.pt")) == sorted(p.name for p in newest.glob("*.pt"))
     summary = json.loads((out / newest.name / "pma_merge.json").read_text())["summary"]
     assert summary["ranks"] == world and summary["peak_rss_above_start_bytes"] <= ds_driver.BUDGET, summary
+    # the ranks together read each input's parameters once: only the ranges their output partitions hold
+    assert summary["bytes_read"] == len(inputs) * sum(v.numel() for v in inputs[0].values()) * 4, summary
 
 
 def test_fp16_loss_scaler_is_the_newest_inputs(runs):
@@ -171,6 +173,15 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _edit_param_shapes(path: Path, edit) -> None:
+    """Rewrite a model-states file with edited param_shapes; saved beside it first (its tensors are
+    memory-mapped from the file being replaced)."""
+    states = load_objects(path)
+    edit(states["param_shapes"][0])
+    torch.save(states, path.with_suffix(".new"))
+    os.replace(path.with_suffix(".new"), path)
+
+
 def test_bad_inputs_are_named_before_anything_is_written(runs, tmp_path):
     z2 = [runs / "z2_bf16" / tag for tag in STEP_TAGS]
     # different formats
@@ -194,9 +205,8 @@ def test_bad_inputs_are_named_before_anything_is_written(runs, tmp_path):
         resolve_inputs([str(root)])
     # different parameter names, different shapes
     renamed = _copy(z2[0], tmp_path / "renamed" / "global_step1")
-    states = load_objects(renamed / "mp_rank_00_model_states.pt")
-    states["param_shapes"][0]["0.kernel"] = states["param_shapes"][0].pop("0.weight")
-    torch.save(states, renamed / "mp_rank_00_model_states.pt")
+    _edit_param_shapes(renamed / "mp_rank_00_model_states.pt", lambda shapes: shapes.update(
+        {"0.kernel": shapes.pop("0.weight")}))
     with pytest.raises(DsPlanError, match=r"parameters \['0.kernel'\] not in the newest input, \['0.weight'\] only"):
         plan([renamed, runs / "z3_bf16" / "global_step3"])
     # a universal checkpoint missing a parameter's file; one as the newest input
@@ -206,10 +216,14 @@ def test_bad_inputs_are_named_before_anything_is_written(runs, tmp_path):
         plan([universal, z2[1]])
     with pytest.raises(DsPlanError, match="the newest input is a universal checkpoint"):
         plan([z2[0], runs / "u_z1_fp32" / "global_step2"])
+    # recorded shapes the partitions cannot hold (DeepSpeed's partitioning rules)
+    bigger = _copy(runs / "dp3_z1_fp32" / "global_step1", tmp_path / "bigger" / "global_step1")
+    _edit_param_shapes(bigger / "mp_rank_00_model_states.pt", lambda shapes: shapes.update({"4.bias": torch.Size([300])}))
+    with pytest.raises(DsPlanError, match="hold more elements than its 3 partitions .* disagree"):
+        plan([bigger])
     reshaped = _copy(z2[0], tmp_path / "reshaped" / "global_step1")
-    states = load_objects(reshaped / "mp_rank_00_model_states.pt")
-    states["param_shapes"][0]["0.weight"] = torch.Size([6, 24])
-    torch.save(states, reshaped / "mp_rank_00_model_states.pt")
+    _edit_param_shapes(reshaped / "mp_rank_00_model_states.pt", lambda shapes: shapes.update(
+        {"0.weight": torch.Size([6, 24])}))
     with pytest.raises(DsPlanError, match=r"0.weight is \(6, 24\), the newest input has \(24, 6\)"):
         plan([reshaped, z2[1]])
     # the same, through pma-merge: exit 1, the message, no output
