@@ -1,13 +1,17 @@
 """pma-merge on real DeepSpeed ZeRO checkpoints (CPU, gloo, DS_ACCELERATOR=cpu).
 
-One 2-rank DeepSpeed launch (tests/ds_driver.py) trains a tiny MLP under ZeRO-1 / 2 / 3 in fp32 and
-bf16 and saves 3 checkpoints of each case; pma-merge's engine merges each case on those 2 ranks (fp64
-accumulation, fp32 for one case) and a DeepSpeed engine resumes from every merge; pma-merge's command
-merges one case on 1 rank. Checked against DeepSpeed's own tools: its fp32 reconstruction of the output equals the fp64
-weighted sum of its reconstruction of the inputs; the resumed engine's first loss equals the loss of
-that reconstructed model; the module weights are the merged master weights cast.
+A 2-rank DeepSpeed launch (tests/ds_driver.py) trains a tiny MLP under ZeRO-1 / 2 / 3 in fp32, bf16
+and fp16 and saves 3 checkpoints of each case; pma-merge's engine merges each case on those 2 ranks
+(fp64 accumulation, fp32 for one case) and a DeepSpeed engine resumes from every merge; two runs'
+checkpoints are converted to universal checkpoints (DeepSpeed's ds_to_universal) and merged with
+the originals. A 3-rank and a 1-rank launch train at DP=3 and DP=1 and merge inputs of different DP
+sizes and stages (the MIXES) on 3 and 1 merge ranks; pma-merge's command merges one case on 1 rank.
+Checked against DeepSpeed's own tools: its fp32 reconstruction of the output equals the fp64
+weighted sum of its reconstruction of the inputs (of the originals, for universal inputs); the
+resumed engine's first loss equals the loss of that reconstructed model; the module weights are the
+merged master weights cast; the loss scaler of an fp16 run is the newest input's.
 
-Cost: one torchrun launch (~35 s of CPU on 2 cores) and two pma-merge processes.
+Cost: three torchrun launches (~80 s of CPU on 2 cores) and three pma-merge processes.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ def _launch(nproc: int, *args: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    _launch(2, str(out), str(out / "resumed.json"))
+    for world in (2, 3, 1):  # the DP=2 runs first: the other worlds' mixes read them
+        _launch(world, str(out), str(out / f"resumed{world}.json"))
     return out
 
 
@@ -110,11 +115,43 @@ def test_module_weights_and_optimizer_state_of_the_output(runs, case):
 
 
 def test_resumed_engine_first_loss_is_the_merged_models(runs):
-    results = json.loads((runs / "resumed.json").read_text())
-    assert set(results) == set(CASES)
-    for case, found in results.items():
-        assert found["resumed"] == found["merged_model"], (case, found)
-        assert found["global_steps"] == ds_driver.STEPS + 1, found  # resumed at the newest input's step, stepped
+    for world, names in ((2, set(CASES)), (3, {"mix_dp3", "mix_dp3_z3"}), (1, {"mix_dp1_z1", "mix_dp1_z3"})):
+        results = json.loads((runs / f"resumed{world}.json").read_text())
+        assert set(results) == names
+        for case, found in results.items():
+            assert found["resumed"] == found["merged_model"], (case, found)
+            assert found["global_steps"] == ds_driver.STEPS + 1, found  # resumed at the newest input's step, stepped
+
+
+def _original(tag: Path) -> Path:
+    """A universal input's source checkpoint (u_<case>/<tag> was made from <case>/<tag>)."""
+    run = tag.parent.name
+    return tag.parent.parent / run[2:] / tag.name if run.startswith("u_") else tag
+
+
+@pytest.mark.parametrize("mix", list(ds_driver.MIXES))
+def test_inputs_of_other_dp_sizes_stages_or_universal_merge_to_the_weighted_sum(runs, mix):
+    """Output of the newest input's layout, merged on 1, 2 or 3 ranks from per-parameter views;
+    universal inputs give the merge of the checkpoints they were made from, bit for bit."""
+    world, _ = ds_driver.MIXES[mix]
+    inputs = [_fp32(_original(tag)) for tag in ds_driver.mix_inputs(runs, mix)]
+    out = runs / f"{mix}_merged{world}"
+    _assert_weighted_sum(_fp32(out), _weighted(inputs, ds_driver.WEIGHTS), exact=True)
+    newest = ds_driver.mix_inputs(runs, mix)[-1]
+    assert sorted(p.name for p in (out / newest.name).glob("*.pt")) == sorted(p.name for p in newest.glob("*.pt"))
+    summary = json.loads((out / newest.name / "pma_merge.json").read_text())["summary"]
+    assert summary["ranks"] == world and summary["peak_rss_above_start_bytes"] <= ds_driver.BUDGET, summary
+    # the ranks together read each input's parameters once: only the ranges their output partitions hold
+    assert summary["bytes_read"] == len(inputs) * sum(v.numel() for v in inputs[0].values()) * 4, summary
+
+
+def test_fp16_loss_scaler_is_the_newest_inputs(runs):
+    for case in ("z2_fp16", "z3_fp16"):
+        out, newest = runs / f"{case}_merged2" / "global_step3", runs / case / "global_step3"
+        for path in sorted(newest.glob("*optim_states.pt")):
+            mine, theirs = (load_objects(d / path.name)["optimizer_state_dict"] for d in (out, newest))
+            assert vars(mine["loss_scaler"]) == vars(theirs["loss_scaler"]), path.name
+            assert (mine["dynamic_loss_scale"], mine["overflow"]) == (theirs["dynamic_loss_scale"], theirs["overflow"])
 
 
 def test_output_layout_provenance_and_checksums(runs):
@@ -134,6 +171,15 @@ def test_output_layout_provenance_and_checksums(runs):
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def _edit_param_shapes(path: Path, edit) -> None:
+    """Rewrite a model-states file with edited param_shapes; saved beside it first (its tensors are
+    memory-mapped from the file being replaced)."""
+    states = load_objects(path)
+    edit(states["param_shapes"][0])
+    torch.save(states, path.with_suffix(".new"))
+    os.replace(path.with_suffix(".new"), path)
 
 
 def test_bad_inputs_are_named_before_anything_is_written(runs, tmp_path):
@@ -157,13 +203,27 @@ def test_bad_inputs_are_named_before_anything_is_written(runs, tmp_path):
     (root / "latest").write_text("global_step9")
     with pytest.raises(SelectionError, match="names tag 'global_step9'"):
         resolve_inputs([str(root)])
-    # different stages / layouts, different parameter shapes
-    with pytest.raises(DsPlanError, match="ZeRO-1/2 files .* ZeRO-3"):
-        plan([z2[0], runs / "z3_bf16" / "global_step3"])
+    # different parameter names, different shapes
+    renamed = _copy(z2[0], tmp_path / "renamed" / "global_step1")
+    _edit_param_shapes(renamed / "mp_rank_00_model_states.pt", lambda shapes: shapes.update(
+        {"0.kernel": shapes.pop("0.weight")}))
+    with pytest.raises(DsPlanError, match=r"parameters \['0.kernel'\] not in the newest input, \['0.weight'\] only"):
+        plan([renamed, runs / "z3_bf16" / "global_step3"])
+    # a universal checkpoint missing a parameter's file; one as the newest input
+    universal = _copy(runs / "u_z1_fp32" / "global_step1", tmp_path / "universal" / "global_step1")
+    shutil.rmtree(universal / "zero" / "2.bias")
+    with pytest.raises(DsPlanError, match="without zero/2.bias/fp32.pt"):
+        plan([universal, z2[1]])
+    with pytest.raises(DsPlanError, match="the newest input is a universal checkpoint"):
+        plan([z2[0], runs / "u_z1_fp32" / "global_step2"])
+    # recorded shapes the partitions cannot hold (DeepSpeed's partitioning rules)
+    bigger = _copy(runs / "dp3_z1_fp32" / "global_step1", tmp_path / "bigger" / "global_step1")
+    _edit_param_shapes(bigger / "mp_rank_00_model_states.pt", lambda shapes: shapes.update({"4.bias": torch.Size([300])}))
+    with pytest.raises(DsPlanError, match="hold more elements than its 3 partitions .* disagree"):
+        plan([bigger])
     reshaped = _copy(z2[0], tmp_path / "reshaped" / "global_step1")
-    states = load_objects(reshaped / "mp_rank_00_model_states.pt")
-    states["param_shapes"][0]["0.weight"] = torch.Size([6, 24])
-    torch.save(states, reshaped / "mp_rank_00_model_states.pt")
+    _edit_param_shapes(reshaped / "mp_rank_00_model_states.pt", lambda shapes: shapes.update(
+        {"0.weight": torch.Size([6, 24])}))
     with pytest.raises(DsPlanError, match=r"0.weight is \(6, 24\), the newest input has \(24, 6\)"):
         plan([reshaped, z2[1]])
     # the same, through pma-merge: exit 1, the message, no output

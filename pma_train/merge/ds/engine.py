@@ -1,9 +1,10 @@
 """The sharded merge of DeepSpeed ZeRO checkpoints: every rank merges its share of partition files.
 
-Phase 1: the partition files (one per DP x MP rank) are split among the merge ranks by bytes; a
-rank streams each of its files' fp32 master partitions from the N inputs in blocks, accumulates in
-fp32 / fp64, and writes the file back as the newest input's with the merged partitions (optimizer
-moments and step carried, or reset to zero). Phase 2 (ZeRO 1 / 2): each mp rank's model-states file
+Phase 1: the newest input's partition files (one per DP x MP rank) are split among the merge ranks
+by bytes; for each parameter range an output partition holds, a rank streams the elements the N
+inputs hold for it (their own layouts: other DP sizes, stages, universal files; plan.py) in blocks,
+accumulates in fp32 / fp64, and writes the file back as the newest input's with the merged
+partitions (optimizer moments and step carried, or reset to zero). Phase 2 (ZeRO 1 / 2): each mp rank's model-states file
 is the newest input's with every trained parameter cast from the merged partitions (so the module
 weights are the master weights in their training dtype); ZeRO-3's hold no parameter data and are
 copied. Rank 0 records provenance and checksums, publishes `<output>/<tag>/` atomically and points
@@ -32,6 +33,7 @@ from pma_train.merge.ds.pipe import LayerUnit, write_layer_file
 from pma_train.merge.ds.plan import (
     READ_BLOCK_BYTES,
     DsPlanError,
+    Fragment,
     ModelUnit,
     PartitionUnit,
     check_budget,
@@ -108,11 +110,11 @@ def _describe(err: Exception, tmp: Path, request: MergeRequest) -> str:
 
 def _merge_into(request: MergeRequest, ds_plan, mine, accumulate, tmp: Path, final: Path) -> MergeSummary:
     rank, world = dist.get_rank(), dist.get_world_size()
-    written, error, start, bytes_read = [], None, time.perf_counter(), 0
+    written, error, start, bytes_read, verified = [], None, time.perf_counter(), 0, set()
     with PeakRss() as rss:
         try:
             for unit in mine:
-                bytes_read += _merge_unit(request, unit, accumulate, tmp)
+                bytes_read += _merge_unit(request, unit, accumulate, tmp, verified)
                 written.append(integrity.digest_file(tmp / unit.name))
         except Exception as err:  # reported collectively: no rank hangs in a barrier
             error = _describe(err, tmp, request)
@@ -167,32 +169,51 @@ def _verify_recorded(archive: Archive) -> None:
             raise MergeError(problems[0])
 
 
-def _merge_unit(request: MergeRequest, unit: PartitionUnit, accumulate: torch.dtype, tmp: Path) -> int:
-    """Stream one partition file's fp32 partitions from every input; write the output's file."""
-    merged, read = [], 0
-    for archive in unit.archives:
-        _verify_recorded(archive)
-    for g, ref in enumerate(unit.partitions[-1]):
+def _merge_unit(request: MergeRequest, unit: PartitionUnit, accumulate: torch.dtype, tmp: Path,
+                verified: set[Path]) -> int:
+    """Each of the file's fp32 partitions: per parameter fragment it holds, the weighted sum of the
+    elements every input holds for that parameter range (read in blocks); padding stays zero.
+    Then the newest input's file is written with the merged partitions. `verified`: the input files
+    whose recorded checksums this rank has checked."""
+    merged, read, opened = [], 0, {}
+    for g, ref in enumerate(unit.partitions):
         acc = torch.zeros(ref.numel, dtype=accumulate)
-        block = max(1, READ_BLOCK_BYTES // ref.dtype.itemsize)
-        for partitions, archive, weight in zip(unit.partitions, unit.archives, request.weights):
-            for start in range(0, ref.numel, block):
-                stop = min(ref.numel, start + block)
-                acc[start:stop].add_(archive.read(partitions[g], start, stop), alpha=weight)
-                read += (stop - start) * ref.dtype.itemsize
+        for param, out in unit.segments[g]:
+            for view, weight in zip(unit.views, request.weights):
+                for frag in view.fragments[(unit.mp, param)]:
+                    lo, hi = max(out.start, frag.start), min(out.start + out.numel, frag.start + frag.numel)
+                    if lo >= hi:
+                        continue
+                    if frag.archive.path not in verified:
+                        _verify_recorded(frag.archive)
+                        verified.add(frag.archive.path)
+                    opened[frag.archive.path] = frag.archive
+                    read += _add_range(acc, out.offset + lo - out.start, frag, lo - frag.start, hi - lo, weight)
         if not bool(torch.isfinite(acc).all()):
             raise MergeError(f"{unit.name}: the merged fp32 partition of group {g} holds NaN or Inf "
                              "(an input does, or the weighted sum overflows)")
         merged.append(acc.to(ref.dtype))
         del acc
-    objects = load_objects(unit.archives[-1].path)  # the newest input's file, tensors memory-mapped
+    for archive in opened.values():  # a read leaves its file open: N inputs' files, not all at once
+        archive.close()
+    objects = load_objects(unit.archive.path)  # the newest input's file, tensors memory-mapped
     state = objects["optimizer_state_dict"]
-    key, _ = fp32_partitions(unit.archives[-1])
+    key, _ = fp32_partitions(unit.archive)
     state[key] = merged
     if not request.carry_optimizer:
         _reset_moments(state)
     torch.save(objects, tmp / unit.name)
     return read
+
+
+def _add_range(acc: torch.Tensor, at: int, frag: Fragment, skip: int, numel: int, weight: float) -> int:
+    """acc[at:at + numel] += weight * elements [skip, skip + numel) of the fragment, in read blocks."""
+    block = max(1, READ_BLOCK_BYTES // frag.ref.dtype.itemsize)
+    for done in range(0, numel, block):
+        n = min(block, numel - done)
+        first = frag.offset + skip + done
+        acc[at + done:at + done + n].add_(frag.archive.read(frag.ref, first, first + n), alpha=weight)
+    return numel * frag.ref.dtype.itemsize
 
 
 def _reset_moments(state: dict) -> None:

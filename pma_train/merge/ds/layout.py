@@ -7,7 +7,10 @@ names the newest tag. In a tag directory, per model-parallel rank `mp`:
   `[bf16_]zero_pp_rank_<dp>_mp_rank_<mp>_optim_states.pt` (that rank's fp32 master partition, its
   optimizer moments, and where each parameter's fragment sits in the partition);
 - ZeRO stage 3: `zero_pp_rank_<dp>_mp_rank_<mp>_model_states.pt` per rank (no parameter data) and
-  the same optim_states files.
+  the same optim_states files;
+- a universal checkpoint (DeepSpeed's ds_to_universal): the model-states files of the checkpoint it
+  was made from and, instead of the partition files, `zero/<parameter name>/fp32.pt` (the whole fp32
+  master weight) beside its optimizer moments.
 Tensor parallelism (an `mpu`) numbers the mp ranks. A pipeline-parallel run (DeepSpeed's
 PipelineEngine; ZeRO 0 / 1 only) counts its stages as mp ranks too: its `mp_rank_<mp>_model_states.pt`
 hold no module (`module` is None) and the module is in one file per layer of the whole model,
@@ -28,6 +31,8 @@ _MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 _STEP = re.compile(r"global_step(\d+)$")
+UNIVERSAL_DIR = "zero"
+UNIVERSAL_FP32 = "fp32.pt"
 # Written beside the data by pma-merge (provenance, checksums) or by DeepSpeed (nothing else).
 SIDE_FILES = frozenset({"pma_merge.json", "checksums.json"})
 
@@ -42,6 +47,7 @@ class DsCheckpoint:
     model_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp or -1) -> name
     optim_files: dict[tuple[int, int], str] = field(default_factory=dict)  # (mp, dp) -> name
     layer_files: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (layer, tensor rank)
+    universal: bool = False  # fp32 weights in zero/<name>/fp32.pt, no optim_files
 
     @property
     def zero3(self) -> bool:
@@ -53,7 +59,15 @@ class DsCheckpoint:
 
     @property
     def mp_size(self) -> int:
-        return len({mp for mp, _ in self.optim_files})
+        return len({mp for mp, _ in self.model_files})
+
+    def describe(self) -> str:
+        if self.universal:
+            return "a universal checkpoint"
+        return f"ZeRO-{'3' if self.zero3 else '1/2'} files of DP={self.dp_size} MP={self.mp_size}"
+
+    def universal_file(self, name: str) -> Path:
+        return self.path / UNIVERSAL_DIR / name / UNIVERSAL_FP32
 
     def model_file(self, mp: int) -> str:
         """The model_states file holding this mp rank's parameter shapes (dp rank 0's under ZeRO-3)."""
@@ -62,7 +76,11 @@ class DsCheckpoint:
 
 def is_ds_tag(path: Path) -> bool:
     path = Path(path)
-    return path.is_dir() and any(_OPTIM.match(p.name) for p in path.iterdir())
+    if not path.is_dir():
+        return False
+    names = [p.name for p in path.iterdir()]
+    return any(_OPTIM.match(n) for n in names) or (
+        UNIVERSAL_DIR in names and any(_MODEL.match(n) or _ZERO3_MODEL.match(n) for n in names))
 
 
 def is_ds_root(path: Path) -> bool:
@@ -127,11 +145,15 @@ def scan(tag_dir: Path) -> DsCheckpoint:
             ckpt.model_files[(int(m.group(2)), int(m.group(1)))] = name
         elif (m := _LAYER.match(name)):
             ckpt.layer_files[name] = (int(m.group(1)), int(m.group(2) or 0))
+        elif name == UNIVERSAL_DIR and path.is_dir():
+            ckpt.universal = True
         elif name not in SIDE_FILES:
             others.append(name)
     if others:
-        raise DsLayoutError(f"{tag_dir}: files this merge does not read: {others[:4]} (expert (MoE) files, "
-                            "NVMe-offloaded tensors and universal checkpoints are not supported here)")
+        raise DsLayoutError(f"{tag_dir}: files this merge does not read: {others[:4]} (expert (MoE) files and "
+                            "NVMe-offloaded tensors are not supported here)")
+    if ckpt.universal:
+        return _check_universal(ckpt)
     mps = sorted({mp for mp, _ in ckpt.optim_files})
     dps = sorted({dp for _, dp in ckpt.optim_files})
     if not mps:
@@ -156,4 +178,18 @@ def scan(tag_dir: Path) -> DsCheckpoint:
     if ckpt.layer_files and ckpt.zero3:
         raise DsLayoutError(f"{tag_dir}: pipeline layer files beside ZeRO-3 model states: a layout this merge "
                             "does not read")
+    return ckpt
+
+
+def _check_universal(ckpt: DsCheckpoint) -> DsCheckpoint:
+    """A universal checkpoint: the model-states file naming the parameters, no partition files."""
+    if ckpt.optim_files:
+        raise DsLayoutError(f"{ckpt.path}: both a universal checkpoint ({UNIVERSAL_DIR}/) and partition files "
+                            f"({sorted(ckpt.optim_files.values())[:2]}): which one is the checkpoint?")
+    if not ckpt.model_files:
+        raise DsLayoutError(f"{ckpt.path}: a universal checkpoint ({UNIVERSAL_DIR}/) without the model-states "
+                            "file that names its parameters (*model_states.pt)")
+    if ckpt.mp_size != 1:
+        raise DsLayoutError(f"{ckpt.path}: a universal checkpoint of a model-parallel run (MP={ckpt.mp_size}): "
+                            "its parameters are whole, this merge does not slice them for tensor parallelism")
     return ckpt

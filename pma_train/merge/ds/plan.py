@@ -1,15 +1,18 @@
 """What a DeepSpeed merge reads and writes, checked across the inputs before anything is written.
 
-Inputs of one layout (same ZeRO stage, DP and MP sizes, parameter names and shapes, partition
-sizes) merge partition by partition: output partition (mp, dp) of group g is the weighted sum of
-the inputs' partitions (mp, dp, g), elementwise. Each partition file is one unit of work; under
-ZeRO 1 / 2 the model-states file of each mp rank (the whole module in its training dtype) is a
-unit of a second phase, cast from the merged partitions.
+The output takes the newest input's layout: its partition files, each the unit of work of one
+merge rank. Every input is indexed as a per-parameter view (`Fragment`s: which elements of which
+parameter lie where in which file), computed from the recorded parameter shapes and DeepSpeed's
+partitioning rules, so inputs of other DP sizes, ZeRO stages or universal checkpoints merge too:
+an output partition is, fragment by fragment, the weighted sum of the elements the inputs hold for
+the same parameter range, read as byte ranges of their files; no process gathers a parameter
+beyond the share its output partition holds. Under ZeRO 1 / 2 the model-states file of each mp rank
+(the whole module in its training dtype) is a unit of a second phase, cast from the merged partitions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,17 +28,40 @@ class DsPlanError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Fragment:
+    """Elements [start, start + numel) of one flattened parameter, stored at elements
+    [offset, offset + numel) of `ref` in `archive`."""
+
+    archive: Archive
+    ref: TensorRef
+    offset: int
+    start: int
+    numel: int
+
+
+@dataclass
+class InputView:
+    """One input, per parameter: (mp, name) -> its fragments, in parameter order."""
+
+    checkpoint: DsCheckpoint
+    fragments: dict[tuple[int, str], list[Fragment]]
+    files: dict[tuple[int, int], Archive] = field(default_factory=dict)  # (mp, dp) -> partition file
+
+
 @dataclass
 class PartitionUnit:
     mp: int
     dp: int
-    name: str  # the file name, the same in every input
-    partitions: list[list[TensorRef]]  # per input (oldest first), per parameter group
-    archives: list[Archive]  # per input
+    name: str  # the newest input's file: the output's
+    archive: Archive  # the newest input's
+    partitions: list[TensorRef]  # the newest input's fp32 partitions, per parameter group
+    segments: list[list[tuple[str, Fragment]]]  # per group: the (parameter, fragment) each part holds
+    views: list[InputView] = field(default_factory=list)  # every input's, oldest first
 
     @property
     def numel(self) -> int:
-        return sum(ref.numel for ref in self.partitions[-1])
+        return sum(ref.numel for ref in self.partitions)
 
 
 @dataclass
@@ -76,19 +102,96 @@ def _param_shapes(model: Archive) -> list[dict]:
     return [{name: tuple(shape) for name, shape in group.items()} for group in shapes]
 
 
-def _differences(name: str, mine, newest, what: str) -> list[str]:
+def _numel(shape: tuple) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _differences(name: str, mine: dict, newest: dict) -> list[str]:
+    """Parameter names and shapes (all groups) against the newest input's."""
     if mine == newest:
         return []
-    if isinstance(mine, list) and isinstance(newest, list) and len(mine) == len(newest):
-        for g, (a, b) in enumerate(zip(mine, newest)):
-            if a != b:
-                only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-                if only_a or only_b:
-                    return [f"{name}: {what} of group {g}: {only_a[:3]} not in the newest input, "
-                            f"{only_b[:3]} only there"]
-                bad = next(k for k in a if a[k] != b[k])
-                return [f"{name}: {what} of group {g}: {bad} is {a[bad]}, the newest input has {b[bad]}"]
-    return [f"{name}: {what} differ from the newest input's ({mine} vs {newest})"[:300]]
+    only_a, only_b = sorted(set(mine) - set(newest)), sorted(set(newest) - set(mine))
+    if only_a or only_b:
+        return [f"{name}: parameters {only_a[:3]} not in the newest input, {only_b[:3]} only there"]
+    bad = next(k for k in mine if mine[k] != newest[k])
+    return [f"{name}: parameter {bad} is {mine[bad]}, the newest input has {newest[bad]}"]
+
+
+def _zero12_fragments(c: DsCheckpoint, mp: int, groups: list[dict], optims: dict) -> dict:
+    """ZeRO 1 / 2: a group's parameters lie back to back in one flat buffer (padded at its end), cut
+    into DP consecutive partitions (sizes differing by one where DP does not divide it); where each
+    rank's begins: the recorded partition sizes, summed."""
+    out, parts = {}, [fp32_partitions(optims[(mp, dp)])[1] for dp in range(c.dp_size)]
+    for g, group in enumerate(groups):
+        if any(g >= len(p) for p in parts):
+            raise DsPlanError(f"{c.path}: {len(groups)} parameter groups, fewer fp32 partitions in a partition file")
+        bounds = [0]
+        for p in parts:
+            bounds.append(bounds[-1] + p[g].numel)
+        pos = 0
+        if sum(_numel(s) for s in group.values()) > bounds[-1]:
+            raise DsPlanError(f"{c.path}: group {g}'s parameters hold more elements than its {c.dp_size} "
+                              f"partitions ({bounds[-1]}): param_shapes and partitions disagree")
+        for name, shape in group.items():
+            n, at, frags = _numel(shape), pos, []
+            while at < pos + n:
+                dp = next(r for r in range(c.dp_size) if at < bounds[r + 1])
+                stop = min(pos + n, bounds[dp + 1])
+                frags.append(Fragment(optims[(mp, dp)], parts[dp][g], at - bounds[dp], at - pos, stop - at))
+                at = stop
+            out[(mp, name)], pos = frags, pos + n
+    return out
+
+
+def _zero3_fragments(c: DsCheckpoint, mp: int, groups: list[dict], optims: dict) -> dict:
+    """ZeRO-3: each parameter is padded to a multiple of DP and cut in DP equal parts; rank dp's
+    flat group is its part of every parameter of the group, in order."""
+    out, parts = {}, [fp32_partitions(optims[(mp, dp)])[1] for dp in range(c.dp_size)]
+    for g, group in enumerate(groups):
+        offset = 0
+        for name, shape in group.items():
+            n = _numel(shape)
+            part = -(-n // c.dp_size)
+            out[(mp, name)] = [Fragment(optims[(mp, dp)], parts[dp][g], offset, dp * part, min(n, (dp + 1) * part) - dp * part)
+                               for dp in range(c.dp_size) if dp * part < n]
+            offset += part
+        if any(g >= len(p) or p[g].numel != offset for p in parts):
+            raise DsPlanError(f"{c.path}: the ZeRO-3 fp32 partitions of group {g} do not hold {offset} elements, "
+                              "one part of each of its parameters: param_shapes and partitions disagree")
+    return out
+
+
+def _universal_fragments(c: DsCheckpoint, shapes: dict) -> dict:
+    out = {}
+    for name, shape in shapes.items():
+        path = c.universal_file(name)
+        if not path.is_file():
+            raise DsPlanError(f"{c.path}: universal checkpoint without {path.relative_to(c.path)} for parameter {name}")
+        try:
+            archive = Archive(path)
+        except ArchiveError as err:
+            raise DsPlanError(str(err)) from None
+        ref = archive.objects if isinstance(archive.objects, TensorRef) else (
+            archive.objects.get("param") if isinstance(archive.objects, dict) else None)
+        if not isinstance(ref, TensorRef) or ref.numel != _numel(shape) or ref.dtype != torch.float32:
+            raise DsPlanError(f"{path}: not an fp32 tensor of {name}'s {_numel(shape)} elements {shape}")
+        out[(0, name)] = [Fragment(archive, ref, 0, 0, ref.numel)]
+    return out
+
+
+def _view(c: DsCheckpoint, models: dict[int, Archive]) -> InputView:
+    fragments = {}
+    if c.universal:
+        shapes = {k: v for group in _param_shapes(models[0]) for k, v in group.items()}
+        return InputView(c, _universal_fragments(c, shapes))
+    optims = {key: Archive(c.path / name) for key, name in c.optim_files.items()}
+    rule = _zero3_fragments if c.zero3 else _zero12_fragments
+    for mp in range(c.mp_size):
+        fragments.update(rule(c, mp, _param_shapes(models[mp]), optims))
+    return InputView(c, fragments, optims)
 
 
 def plan(paths: list) -> DsPlan:
@@ -96,42 +199,37 @@ def plan(paths: list) -> DsPlan:
     try:
         checkpoints = [scan(p) for p in paths]
         newest = checkpoints[-1]
+        if newest.universal:
+            raise DsPlanError(f"{newest.path}: the newest input is a universal checkpoint; the output takes the "
+                              "newest input's layout (its partition files), which a universal checkpoint lacks: "
+                              "merge into a ZeRO checkpoint (the newest input), universal ones as older inputs")
         models = [{mp: Archive(c.path / c.model_file(mp)) for mp in range(c.mp_size)} for c in checkpoints]
-        optims = [{key: Archive(c.path / name) for key, name in c.optim_files.items()} for c in checkpoints]
     except (DsLayoutError, ArchiveError) as err:
         raise DsPlanError(str(err)) from None
-    problems = [p for c, model in zip(checkpoints, models) if (p := _missing_ranks(c, model[0]))]
+    problems = [p for c, model in zip(checkpoints, models) if not c.universal and (p := _missing_ranks(c, model[0]))]
     if problems:
         raise DsPlanError("\n".join(problems[:8]))
     stage = _stage(models[-1][0])
+    want = [{k: v for group in _param_shapes(models[-1][mp]) for k, v in group.items()} for mp in range(newest.mp_size)]
     for c, model in zip(checkpoints, models):
-        if sorted(c.optim_files.values()) != sorted(newest.optim_files.values()) or c.zero3 != newest.zero3:
-            problems.append(f"{c.path}: ZeRO-{'3' if c.zero3 else '1/2'} files of DP={c.dp_size} MP={c.mp_size}; the "
-                            f"newest input {newest.path} has ZeRO-{'3' if newest.zero3 else '1/2'} DP={newest.dp_size} "
-                            f"MP={newest.mp_size} (inputs of different layouts do not merge yet)")
+        if c.mp_size != newest.mp_size:
+            problems.append(f"{c.path}: {c.describe()}; the newest input {newest.path} has MP={newest.mp_size} "
+                            "(inputs of different model-parallel sizes do not merge)")
             continue
-        if _stage(model[0]) != stage:
-            problems.append(f"{c.path}: ZeRO stage {_stage(model[0])}, the newest input has stage {stage}")
         for mp in range(c.mp_size):
-            problems += _differences(str(model[mp].path), _param_shapes(model[mp]), _param_shapes(models[-1][mp]),
-                                     "parameter names / shapes")
+            problems += _differences(str(model[mp].path), {k: v for group in _param_shapes(model[mp])
+                                                            for k, v in group.items()}, want[mp])
     if problems:
         raise DsPlanError("inputs differ:\n  " + "\n  ".join(problems[:8]))
-    units = []
-    for key, name in sorted(newest.optim_files.items()):
-        partitions = []
-        for c, optim in zip(checkpoints, optims):
-            try:
-                partitions.append(fp32_partitions(optim[key])[1])
-            except DsPlanError as err:
-                problems.append(str(err))
-                continue
-            shapes, want = [r.shape for r in partitions[-1]], [r.shape for r in fp32_partitions(optims[-1][key])[1]]
-            if shapes != want:
-                problems.append(f"{c.path / name}: fp32 partitions of shapes {shapes}, the newest input's are {want}")
-        units.append(PartitionUnit(key[0], key[1], name, partitions, [o[key] for o in optims]))
+    views = []
+    for c, model in zip(checkpoints, models):
+        try:
+            views.append(_view(c, model))
+        except (DsPlanError, ArchiveError) as err:
+            problems.append(str(err))
     if problems:
         raise DsPlanError("inputs differ:\n  " + "\n  ".join(problems[:8]))
+    units = [_unit(key, name, views) for key, name in sorted(newest.optim_files.items())]
     model_units = [] if newest.zero3 else [
         ModelUnit(mp, newest.model_file(mp), _module_bytes(models[-1][mp])) for mp in range(newest.mp_size)]
     try:
@@ -139,6 +237,18 @@ def plan(paths: list) -> DsPlan:
     except (DsPipeError, ArchiveError) as err:
         raise DsPlanError(str(err)) from None
     return DsPlan(checkpoints, stage, units, model_units, layers)
+
+
+def _unit(key: tuple[int, int], name: str, views: list[InputView]) -> PartitionUnit:
+    """Output partition file `name`: the newest input's fragments that lie in it, by group."""
+    archive = views[-1].files[key]
+    _, partitions = fp32_partitions(archive)
+    segments = [[] for _ in partitions]
+    for (mp, param), frags in views[-1].fragments.items():
+        for frag in frags:
+            if frag.archive is archive:
+                segments[next(g for g, ref in enumerate(partitions) if ref is frag.ref)].append((param, frag))
+    return PartitionUnit(key[0], key[1], name, archive, partitions, segments, views)
 
 
 def _missing_ranks(c: DsCheckpoint, model: Archive) -> str | None:
