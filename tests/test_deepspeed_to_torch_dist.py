@@ -85,3 +85,38 @@ def test_a_deepspeed_checkpoint_given_directly_is_refused_pointing_at_the_conver
             check_checkpoints(job)  # pma-train's check before anything starts: exit 2, this line
         with pytest.raises(CheckpointError, match=f"checkpoint: {given} is a DeepSpeed checkpoint.*output_format"):
             _export(tmp_path, given, _preset("tiny"))
+
+
+
+def test_what_the_conversion_cannot_write_is_refused_before_it_starts(run, tmp_path):
+    from pma_train.config import ConfigError, MergeConfig, validate_merge
+    from pma_train.merge.ds.to_torch_dist import run_ds_to_torch_dist
+    from pma_train.merge.engine import MergeError, MergeRequest
+    from pma_train.merge.select import describe
+
+    with pytest.raises(ConfigError, match="output_format"):
+        validate_merge(MergeConfig(inputs=[str(run / "ds")], output=str(tmp_path), output_format="hf"))
+    request = MergeRequest(inputs=[describe(run / "ds")], weights=[1.0], output_root=tmp_path / "out",
+                           carry_optimizer=True)
+    with pytest.raises(MergeError, match="carry_optimizer: output_format=torch_dist writes the merged weights only"):
+        run_ds_to_torch_dist(request)
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_rank_holds_one_row_block_of_the_budget(run):
+    """The work is row blocks of the parameters, tiling each one, each (its fp64 accumulator and fp32
+    output) within memory_budget_mb less the 4 MiB read block: no rank holds a whole tensor of the model
+    beyond that, whatever its size."""
+    from pma_train.merge.ds.params import locate
+    from pma_train.merge.ds.plan import READ_BLOCK_BYTES, plan
+    from pma_train.merge.ds.to_torch_dist import _pieces
+
+    params = locate(plan(sorted((run / "ds").glob("global_step*"))))
+    room = 16 * 1024
+    pieces = _pieces(params, torch.float64, torch.float32, READ_BLOCK_BYTES + room)
+    for param in params:
+        mine = [p for p in pieces if p.key == param.key and p.offsets[:len(param.prefix)] == param.prefix]
+        rows = [p.offsets[len(param.prefix)] for p in mine]
+        assert rows == sorted(rows) and sum(p.sizes[len(param.prefix)] for p in mine) == param.shape[0], param.name
+        assert all(12 * torch.Size(p.sizes).numel() <= room for p in mine), param.name
+    assert len(pieces) > len(params)  # the larger ones cut
