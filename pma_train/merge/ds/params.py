@@ -119,6 +119,7 @@ def positions(ds_plan: DsPlan) -> list[DsParam]:
         raise DsPlanError(f"{newest.path}: frozen parameters {frozen}: pma-train trains every parameter; "
                           "output_format=torch_dist converts checkpoints without frozen parameters")
     groups = _param_shapes(model)
+    _check_order(ds_plan, [list(group) for group in groups])
     names = {name for group in groups for name in group}
     params = [[DsParam(name, torch_dist_key(name, names), shape, expert_of(name)) for name, shape in group.items()]
               for group in groups]
@@ -130,6 +131,20 @@ def positions(ds_plan: DsPlan) -> list[DsParam]:
         for g, group in enumerate(params):
             _locate_zero12(group, g, [s[g] for s in sizes], newest.path)
     return [p for group in params for p in group]
+
+
+def _check_order(ds_plan: DsPlan, newest: list[list[str]]) -> None:
+    """Every input flattened its parameters in the newest input's order: positions are read from the
+    newest's (the plan compared names and shapes, not their order)."""
+    for ckpt in ds_plan.checkpoints[:-1]:
+        try:
+            order = [list(group) for group in _param_shapes(Archive(ckpt.path / ckpt.model_file(0)))]
+        except ArchiveError as err:
+            raise DsPlanError(str(err)) from None
+        if order != newest:
+            first = next(i for i, (a, b) in enumerate(zip(sum(order, []), sum(newest, []))) if a != b)
+            raise DsPlanError(f"{ckpt.path}: its parameters are flattened in another order than the newest input's "
+                              f"(position {first}: {sum(order, [])[first]} vs {sum(newest, [])[first]})")
 
 
 def _stack_experts(params: list[DsParam], where) -> None:

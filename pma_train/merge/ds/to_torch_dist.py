@@ -54,6 +54,9 @@ def run_ds_to_torch_dist(request: MergeRequest) -> MergeSummary:
     for info in request.inputs:
         if request.output_root.resolve().is_relative_to(info.path.resolve()):
             raise MergeError(f"output: {request.output_root} is inside the input {info.path}")
+        if request.output_root.resolve() == info.path.resolve().parent:
+            raise MergeError(f"output: {request.output_root} is the DeepSpeed root of the input {info.path}; "
+                             "a pma-train checkpoint root of its own is needed")
     if final.exists() and not request.overwrite:
         raise MergeError(f"output: {final} exists (pass overwrite=true to replace it)")
     try:
