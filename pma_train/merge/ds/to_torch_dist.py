@@ -164,6 +164,10 @@ def _convert(request, ds_plan, by_key: dict[tuple, DsParam], mine: list[Piece], 
         except Exception as err:  # reported collectively: no rank hangs
             error = space.disk_full_message(err, tmp, request.output_root) or (
                 str(err) if isinstance(err, MergeError) else f"{type(err).__name__}: {err}")
+        finally:
+            for unit in ds_plan.units:  # a read left its file open
+                for archive in unit.archives:
+                    archive.close()
     report = {"error": error, "tensors": writer.tensors if writer else [], "bytes_read": read,
               "bytes_written": writer.bytes_written if writer else 0, "seconds": time.perf_counter() - start,
               "peak_rss": rss.peak, "rss_growth": rss.peak - rss.start, "pieces": len(mine), "rank": rank}
