@@ -65,7 +65,7 @@ def convert(out: Path) -> None:
 
     inputs = select_spaced(out / "ds", n=STEPS, v_iterations=1)
     run_ds_to_torch_dist(MergeRequest(inputs=inputs, weights=WEIGHTS, output_root=out / "merged", accumulate="fp64",
-                                      progress=False, budget_bytes=5 * 2**20))
+                                      progress=False, budget_bytes=9 * 2**20))
 
 
 def _weighted(values: list[torch.Tensor]) -> torch.Tensor:

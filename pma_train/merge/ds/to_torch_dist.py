@@ -87,15 +87,16 @@ def run_ds_to_torch_dist(request: MergeRequest) -> MergeSummary:
 
 
 def _pieces(params: list[DsParam], accumulate: torch.dtype, out_dtype: torch.dtype, budget: int) -> list[Piece]:
-    """Row blocks of every parameter: its accumulator, output cast and one read block within the budget."""
+    """Row blocks of every parameter: its accumulator, output cast and a read block (with the buffer it
+    is read into) within the budget."""
     per_element = _itemsize(accumulate) + _itemsize(out_dtype)
-    room = budget - READ_BLOCK_BYTES
+    room = budget - 2 * READ_BLOCK_BYTES
     pieces = []
     for param in params:
         row = math.prod(param.shape[1:])
         if row * per_element > room:
             raise MergeError(f"memory_budget_mb={budget // 2**20}: one row of {param.name} {param.shape} needs "
-                             f"{-(-(row * per_element + READ_BLOCK_BYTES) // 2**20)} MiB; raise memory_budget_mb")
+                             f"{-(-(row * per_element + 2 * READ_BLOCK_BYTES) // 2**20)} MiB; raise memory_budget_mb")
         rows = param.shape[0] if param.shape else 1
         step = max(1, room // max(row * per_element, 1))
         ones = (1,) * len(param.prefix)
@@ -136,12 +137,13 @@ def _merge_piece(request: MergeRequest, ds_plan: DsPlan, param: DsParam, piece: 
     row = math.prod(param.shape[1:])
     start = piece.offsets[len(param.prefix)] * row if piece.sizes else 0
     count = math.prod(piece.sizes)
-    acc, read = torch.zeros(count, dtype=accumulate), 0
+    # Allocated in the piece's shape (not a view of a flat one): the writer then saves it without a copy.
+    acc, read = torch.zeros(piece.sizes, dtype=accumulate), 0
     for i, weight in enumerate(request.weights):
-        read += read_elements(ds_plan, param, i, start, start + count, acc, weight)
+        read += read_elements(ds_plan, param, i, start, start + count, acc.view(-1), weight)
     if not torch.isfinite(acc).all():
         raise MergeError(f"{param.name}: the weighted sum holds NaN or Inf (rows from {piece.offsets[:1]})")
-    return acc.view(piece.sizes), read
+    return acc, read
 
 
 def _of(by_key: dict, piece: Piece) -> DsParam:
