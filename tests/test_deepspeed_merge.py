@@ -272,3 +272,49 @@ def test_a_corrupted_file_of_a_recorded_merge_is_named(runs, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 1 and victim.name in proc.stderr, proc.stderr[-3000:]
     assert not (out / "global_step3").exists() and not list(out.glob(".tmp*"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parameter_positions_give_deepspeeds_reconstruction(runs, case):
+    """output_format=torch_dist reads each parameter from its partitions (ZeRO 1 / 2 / 3 rules of
+    merge/ds/params.py): whole and in part, it is what DeepSpeed's zero_to_fp32 reconstructs."""
+    from pma_train.merge.ds.params import positions
+    from pma_train.merge.ds.to_torch_dist import read_elements
+
+    tag = runs / case / "global_step2"
+    ds_plan, expected = plan([tag]), _fp32(tag)
+    params = positions(ds_plan)
+    assert [p.name for p in params] == list(expected) and all(p.key is None for p in params)  # not pma-train's names
+    for param in params:
+        whole = torch.zeros(param.numel, dtype=torch.float64)
+        read_elements(ds_plan, param, 0, 0, param.numel, whole)
+        assert torch.equal(whole.float().view(param.shape), expected[param.name]), param.name
+        lo, hi = param.numel // 4, param.numel - 1  # across the DP partitions' boundary
+        part = torch.zeros(hi - lo, dtype=torch.float64)
+        read_elements(ds_plan, param, 0, lo, hi, part)
+        assert torch.equal(part.float(), expected[param.name].flatten()[lo:hi]), param.name
+
+
+def test_output_format_torch_dist_refuses_a_model_that_is_not_pma_trains(runs, tmp_path):
+    out = tmp_path / "converted"
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"root={runs / 'z2_bf16'}", "n=2",
+                           "v_iterations=1", "output_format=torch_dist", f"output={out}", "progress_bar=false"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "parameter '0.weight' is not a parameter of pma-train's model" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+
+
+def test_inputs_flattened_in_another_order_are_refused_by_the_conversion(runs, tmp_path):
+    from collections import OrderedDict
+
+    from pma_train.merge.ds.params import positions
+
+    z2 = [runs / "z2_bf16" / tag for tag in STEP_TAGS]
+    reordered = _copy(z2[0], tmp_path / "reordered" / "global_step1")
+    states = load_objects(reordered / "mp_rank_00_model_states.pt")
+    states["param_shapes"][0] = OrderedDict(reversed(list(states["param_shapes"][0].items())))
+    torch.save(states, reordered / "mp_rank_00_model_states.pt")
+    ds_plan = plan([reordered, z2[1]])  # the same names and shapes: the merge's own check passes
+    with pytest.raises(DsPlanError, match=r"flattened in another order .* \(position 0: 4.bias vs 0.weight\)"):
+        positions(ds_plan)

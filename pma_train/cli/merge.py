@@ -87,7 +87,9 @@ def _run(node: DictConfig) -> None:
     from pma_train.merge.engine import MergeError, MergeRequest
     from pma_train.parallel import init_process_group
 
-    if inputs[0].format == "deepspeed":  # imports deepspeed's classes only now, for a DeepSpeed input
+    if inputs[0].format == "deepspeed" and cfg.output_format == "torch_dist":
+        from pma_train.merge.ds.to_torch_dist import run_ds_to_torch_dist as run_merge
+    elif inputs[0].format == "deepspeed":  # imports deepspeed's classes only now, for a DeepSpeed input
         from pma_train.merge.ds.engine import run_ds_merge as run_merge
     else:
         from pma_train.merge.engine import run_merge

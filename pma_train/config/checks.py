@@ -355,5 +355,7 @@ def validate_merge(cfg: MergeConfig) -> None:
         _fail("accumulate_dtype", f"'{cfg.accumulate_dtype}' is not one of fp32, fp64")
     if cfg.output_dtype not in ("input", "fp32", "bf16", "fp16", "fp64"):
         _fail("output_dtype", f"'{cfg.output_dtype}' is not one of input, fp32, bf16, fp16, fp64")
+    if cfg.output_format not in ("input", "torch_dist"):
+        _fail("output_format", f"'{cfg.output_format}' is not one of input, torch_dist")
     if not cfg.dry_run and not cfg.output:
         _fail("output", "an output checkpoint root is required (or dry_run=true)")

@@ -424,6 +424,10 @@ class MergeConfig(MergeWeighting):
     # Accumulation precision fp32 | fp64; output dtype: "input" keeps each tensor's dtype.
     accumulate_dtype: str = "fp32"
     output_dtype: str = "input"
+    # input (the inputs' format) | torch_dist: DeepSpeed inputs (of a DeepSpeed engine wrapping pma-train's
+    # model) merged into a pma-train checkpoint that checkpoint.init_from and pma-export read (fp32 master
+    # weights unless output_dtype says otherwise; no optimizer state).
+    output_format: str = "input"
     # Carry the optimizer state so training resumes from the merge: main params merged, moments of the newest input.
     carry_optimizer: bool = False
     # Print the selection and weights, merge nothing.

@@ -19,6 +19,7 @@ import torch
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
 from pma_train.merge.dcp_io import CheckpointIndex, ChunkReader, TensorEntry
+from pma_train.merge.ds.refuse import deepspeed_refusal
 
 # Largest block read from a chunk at once: bounds the reader's scratch buffer.
 READ_BLOCK_BYTES = 64 * 2**20
@@ -37,6 +38,8 @@ class Source:
 
 def open_checkpoint(path: str | Path) -> Source:
     """Resolve a root or iter_* directory, check it is complete and pma-train's (HybridModel) format."""
+    if refusal := deepspeed_refusal(path, "checkpoint"):
+        raise CheckpointError(refusal)
     ckpt = layout.resolve_checkpoint(path)
     layout.verify_complete(ckpt)
     if layout.is_gpt_checkpoint(ckpt):
