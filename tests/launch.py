@@ -71,14 +71,15 @@ def rank_env(env: dict, rank: int, nproc: int, port: int) -> dict:
 
 def run_ranks(args: list[str], nproc: int, env: dict, timeout: int) -> subprocess.CompletedProcess:
     """What torchrun --nproc-per-node=nproc does for a test, without torchrun's agent process (it
-    imports torch: ~4 s of CPU per launch, a tenth of the suite). Real ranks meet over env:// (rank 0
-    hosts the store); when one fails the others get SIGTERM (SIGKILL 30 s later), the job's status is
-    1 and stderr ends with each failed rank's `exitcode  : N`, as under torchrun. torchrun itself is
-    tested where it is the subject (tests/test_launch.py, tests/test_preemption.py, fault injection)."""
+    imports torch to watch its children: ~4 s of CPU per launch). Real ranks meet over env:// (rank 0
+    hosts the store), each in its own session; when one fails, the others' process groups get SIGTERM
+    (SIGKILL 30 s later), the job's status is 1 and stderr ends with each failed rank's
+    `exitcode  : N`, as under torchrun. torchrun itself is tested where it is the subject
+    (tests/test_launch.py, tests/test_preemption.py, benchmarks/fault_injection.py)."""
     port = free_port()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         ranks = [subprocess.Popen([sys.executable, "-u", "-m", *args], cwd=REPO, env=rank_env(env, r, nproc, port),
-                                  stdout=out, stderr=err, text=True) for r in range(nproc)]
+                                  stdout=out, stderr=err, text=True, start_new_session=True) for r in range(nproc)]
         deadline, failed_at = time.monotonic() + timeout, None
         try:
             while any(p.poll() is None for p in ranks):
@@ -86,18 +87,13 @@ def run_ranks(args: list[str], nproc: int, env: dict, timeout: int) -> subproces
                     raise subprocess.TimeoutExpired(args, timeout)
                 if failed_at is None and any(p.returncode not in (None, 0) for p in ranks):
                     failed_at = time.monotonic()
-                    for p in ranks:
-                        if p.poll() is None:
-                            p.send_signal(signal.SIGTERM)
+                    _signal_live(ranks, signal.SIGTERM)
                 elif failed_at is not None and time.monotonic() > failed_at + 30:
-                    for p in ranks:
-                        if p.poll() is None:
-                            p.kill()
+                    _signal_live(ranks, signal.SIGKILL)
                 time.sleep(0.02)
         finally:
+            _signal_live(ranks, signal.SIGKILL)
             for p in ranks:
-                if p.poll() is None:
-                    p.kill()
                 p.wait()
         codes = [p.returncode for p in ranks]
         if any(codes):
@@ -106,6 +102,17 @@ def run_ranks(args: list[str], nproc: int, env: dict, timeout: int) -> subproces
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(args, 1 if any(codes) else 0, out.read(), err.read())
+
+
+def _signal_live(ranks: list[subprocess.Popen], sig: int) -> None:
+    """Signal each rank still running, with its children (torchrun starts each rank in its own session
+    and signals its process group)."""
+    for p in ranks:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 def train(run_dir: Path, overrides: list[str], nproc: int = 1, cache_dir: Path | None = None,
