@@ -25,11 +25,6 @@ UNSEEDED = {"random_rng_state", "np_rng_state"}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def synchronous(tmp_path_factory, cache):
     return train(tmp_path_factory.mktemp("sync") / "run", COMMON + ["checkpoint.async_save=false"], nproc=2,
                  cache_dir=cache)

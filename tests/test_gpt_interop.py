@@ -35,11 +35,6 @@ def _run_helper(args: list[str], nproc: int, cache) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def gpt(tmp_path_factory, cache):
     """A Megatron-LM GPT checkpoint written at TP=2 (and its twin without rng_state), with its loss."""
     d = tmp_path_factory.mktemp("gpt")

@@ -100,11 +100,6 @@ def _train_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def tp2_run(tmp_path_factory, cache):
     """launch/torchrun.sh, one node, 2 ranks (TP=2), checkpoints at iterations 1, 2, 3."""
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"

@@ -18,11 +18,6 @@ COMMON = ["train.iters=4", "train.log_interval=1", "train.eval_interval=100", "t
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def dp2(tmp_path_factory, cache):
     """Two data-parallel ranks (distributed optimizer), fp32, checkpoints at 2 and 4."""
     return train(tmp_path_factory.mktemp("dp2") / "run", COMMON, nproc=2, cache_dir=cache)

@@ -9,7 +9,6 @@ import sys
 import time
 
 import psutil
-import pytest
 
 from pma_train.checkpoint import layout
 from pma_train.metrics import METRICS_FILE, read_metrics
@@ -68,11 +67,6 @@ def _assert_preempted(run_dir, after: int) -> int:
     # Every rank stopped at the same step: nothing was logged beyond it.
     assert max(r["step"] for r in read_metrics(run_dir / METRICS_FILE, "train")) == stopped
     return stopped
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
 
 
 def test_sigterm_saves_stops_and_the_rerun_resumes_exactly(tmp_path, cache):

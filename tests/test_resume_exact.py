@@ -24,11 +24,6 @@ MAIN_PARAM = "optimizer.state.param."
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def single(tmp_path_factory, cache):
     """One rank, fp32, dropout 0.1, checkpoints at 2, 4, 6 (per-parameter optimizer state: the merges
     below carry it)."""

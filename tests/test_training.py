@@ -22,11 +22,6 @@ def assert_same_losses(a: dict, b: dict, tol: float = TOL) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data-cache")
-
-
-@pytest.fixture(scope="module")
 def baseline(tmp_path_factory, cache):
     """Single rank, tiny model."""
     return train(tmp_path_factory.mktemp("tp1") / "run", COMMON, nproc=1, cache_dir=cache)
