@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, readers
 from pma_train.checkpoint.lock import RootLock
 from pma_train.checkpoint.megatron_args import megatron_args
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
@@ -85,5 +85,6 @@ class Checkpointer:
         m = self.cfg.checkpoint.init_merge
         chosen = select_spaced(m.root, m.n, m.v_tokens, m.v_iterations, m.end_iteration)
         weights = merge_weights(m.method, len(chosen), m.alpha, decay_shape=m.decay_shape)
-        average_into_model(model, [c.path for c in chosen], weights)
+        with readers.reading([c.path for c in chosen]):
+            average_into_model(model, [c.path for c in chosen], weights)
         return f"PMA-init: {m.method} of iterations {[c.iteration for c in chosen]} of {m.root}"
