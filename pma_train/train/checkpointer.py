@@ -14,13 +14,20 @@ from pma_train.config import JobConfig
 
 
 class Checkpointer:
-    def __init__(self, cfg: JobConfig, lock: RootLock | None, padded_vocab_size: int, in_background: bool = False):
+    def __init__(self, cfg: JobConfig, lock: RootLock | None, padded_vocab_size: int, in_background: bool = False,
+                 run_lock: RootLock | None = None):
         self.cfg = cfg
         self.in_background = in_background  # checkpoint.async_save: written behind training, published later
         self.root = Path(cfg.checkpoint.dir)
         self.lock = lock  # held by global rank 0 from before the root was first touched
+        self.run_lock = run_lock  # run.dir's (metrics, tracked merges), where it is not the root
         self.padded_vocab_size = padded_vocab_size
         self.last_saved_iteration: int | None = None
+
+    def release_locks(self) -> None:
+        for lock in (self.run_lock, self.lock):
+            if lock is not None:
+                lock.release()
 
     def path(self, iteration: int) -> Path:
         return self.root / layout.iter_dir_name(iteration)
