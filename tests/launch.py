@@ -118,3 +118,21 @@ def train(run_dir: Path, overrides: list[str], nproc: int = 1, cache_dir: Path |
     if check and proc.returncode != 0:
         raise AssertionError(f"pma-train failed ({proc.returncode}):\n{run.output[-6000:]}")
     return run
+
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from pma_train.checkpoint.lock import Owner, acquire
+acquire(Path(sys.argv[1]), Owner.this_process(), name=sys.argv[2])
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def hold_lock(root: Path, name: str = ".pma-lock") -> subprocess.Popen:
+    """Another process holding root's lock file `name` until a line is written to its stdin."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root), name], cwd=REPO, env=test_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc

@@ -15,13 +15,14 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.lock import LOCK_FILE, LockError, Owner, acquire
 from tests import launch
-from tests.launch import REPO, train
+from tests.launch import REPO, hold_lock, train
 from tests.test_merge import merge_cli, synthetic
 
 TRAIN = ["train.log_interval=1", "train.eval_interval=1000", "train.eval_iters=1", "train.global_batch_size=2",
@@ -137,6 +138,50 @@ def test_second_job_stops_at_once_naming_the_first_and_a_killed_jobs_lock_is_tak
     for iteration in layout.list_iterations(ckpt):
         layout.verify_complete(ckpt / layout.iter_dir_name(iteration))
     assert temporaries(ckpt) == [] and not (ckpt / LOCK_FILE).exists()  # released at exit
+
+
+def test_run_dir_in_use_stops_a_job_whose_checkpoints_go_elsewhere(tmp_path):
+    run_dir, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("the other job's\n")
+    holder = hold_lock(run_dir)
+    try:
+        refused = train_tiny(run_dir, ["train.iters=2", f"checkpoint.dir={ckpt}"], nproc=None, check=False, timeout=300)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert refused.returncode == 3, refused.output[-3000:]
+    assert f"{run_dir} is in use by pid {holder.pid} on host {socket.gethostname()}" in refused.output, refused.output[-3000:]
+    # Nothing written, and the checkpoint root's lock was given back.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+    assert (run_dir / "metrics.jsonl").read_text() == "the other job's\n"
+    assert not (ckpt / LOCK_FILE).exists() and layout.list_iterations(ckpt) == []
+    # run.dir == checkpoint.dir: one lock covers both (the job does not refuse itself).
+    same = train_tiny(ckpt, ["train.iters=2", f"checkpoint.dir={ckpt}"], nproc=None, timeout=300)
+    assert layout.read_tracker(ckpt) == 2 and not (ckpt / LOCK_FILE).exists(), same.output[-3000:]
+
+
+def test_second_export_into_an_output_stops_before_touching_the_firsts_files(tmp_path):
+    from pma_train.export.exporter import _claim_output
+
+    out, ckpt = tmp_path / "hf", tmp_path / "ckpt" / "iter_0000001"
+    ckpt.mkdir(parents=True)
+    plan = SimpleNamespace(output=out, cfg=SimpleNamespace(force_unlock=False, overwrite=False),
+                           source=SimpleNamespace(path=ckpt))
+    in_flight = tmp_path / ".tmp-hf.0123abcd"  # the first export's temporary, which a second used to delete
+    in_flight.mkdir()
+    holder = hold_lock(tmp_path, f"{LOCK_FILE}.hf")
+    try:
+        with pytest.raises(LockError, match=f"{out} is in use by pid {holder.pid} on host {socket.gethostname()}"):
+            _claim_output(plan)
+        assert in_flight.is_dir()
+    finally:
+        holder.communicate("\n", timeout=60)
+    lock, tmp = _claim_output(plan)  # once the first is gone: its leftover removed, a temporary of its own
+    try:
+        assert not in_flight.exists() and tmp.is_dir() and (tmp_path / f"{LOCK_FILE}.hf").exists()
+    finally:
+        lock.release()
+    assert not (tmp_path / f"{LOCK_FILE}.hf").exists()
 
 
 # ----------------------------------------------------------------------------- pma-merge

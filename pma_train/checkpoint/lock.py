@@ -69,13 +69,13 @@ class Owner:
 class RootLock:
     """The held lock; release() (also run at interpreter exit) frees it and removes the file."""
 
-    def __init__(self, root: Path, fd: int, owner: Owner, note: str | None):
-        self.root, self.fd, self.owner, self.note = root, fd, owner, note
+    def __init__(self, root: Path, fd: int, owner: Owner, note: str | None, name: str = LOCK_FILE):
+        self.root, self.fd, self.owner, self.note, self.name = root, fd, owner, note, name
         atexit.register(self.release)
 
     @property
     def path(self) -> Path:
-        return self.root / LOCK_FILE
+        return self.root / self.name
 
     def release(self) -> None:
         if self.fd is None:
@@ -92,12 +92,16 @@ class RootLock:
             atexit.unregister(self.release)
 
 
-def acquire(root: str | Path, owner: Owner, force: bool = False, override: str = "force_unlock=true") -> RootLock:
+def acquire(root: str | Path, owner: Owner, force: bool = False, override: str = "force_unlock=true",
+            name: str = LOCK_FILE) -> RootLock:
     """Take root's lock for `owner`, or raise LockError naming the job that holds it.
 
-    `override` is how the user spells `force` (named in the message that asks for it)."""
+    `override` is how the user spells `force` (named in the message that asks for it); `name` is the
+    lock file's (another than .pma-lock for an output published into root by rename, as pma-export's)."""
     root = Path(root)
-    path = root / LOCK_FILE
+    path = root / name
+    # What the lock protects, for messages: root, or root/<output> for `.pma-lock.<output>`.
+    subject = root if name == LOCK_FILE else root / name.removeprefix(f"{LOCK_FILE}.")
     for _ in range(10):  # an owner releasing while we open the file: open the new one
         existed = path.exists()
         try:
@@ -110,28 +114,28 @@ def acquire(root: str | Path, owner: Owner, force: bool = False, override: str =
         except BlockingIOError:
             previous = _read_record(fd)
             os.close(fd)
-            raise LockError(_in_use(root, previous)) from None
+            raise LockError(_in_use(subject, previous)) from None
         except OSError as err:
             os.close(fd)
             if err.errno not in _NO_FLOCK:
                 raise LockError(f"cannot lock {path}: {err.strerror}") from None
             if not existed:
                 path.unlink(missing_ok=True)
-            return _acquire_by_record(root, owner, force, override)
+            return _acquire_by_record(root, owner, force, override, name)
         if not _still_linked(fd, path):
             os.close(fd)
             continue
         try:
-            note = _judge(root, _read_record(fd), owner, force, override, flock=True)
+            note = _judge(root, _read_record(fd), owner, force, override, flock=True, path=path)
             _write_record(fd, owner)
         except BaseException:
             os.close(fd)  # the flock goes with it; the record stays as it was
             raise
-        return RootLock(root, fd, owner, note)
+        return RootLock(root, fd, owner, note, name)
     raise LockError(f"{path}: the lock changed hands 10 times while this job tried to take it")
 
 
-def acquire_on_rank0(root: str | Path, force: bool, override: str, tool: str) -> RootLock | None:
+def acquire_on_rank0(root: str | Path, force: bool, override: str, tool: str, name: str = LOCK_FILE) -> RootLock | None:
     """acquire() for this process on global rank 0 (a stale lock's takeover printed, as `tool`); every
     rank raises the same LockError if it fails (no rank is left waiting in a collective). Call right
     after the process group starts, before the root is touched."""
@@ -140,7 +144,7 @@ def acquire_on_rank0(root: str | Path, force: bool, override: str, tool: str) ->
     lock, error = None, None
     if dist.get_rank() == 0:
         try:
-            lock = acquire(root, Owner.this_process(), force, override)
+            lock = acquire(root, Owner.this_process(), force, override, name)
         except LockError as err:
             error = str(err)
         if lock is not None and lock.note:
@@ -152,7 +156,8 @@ def acquire_on_rank0(root: str | Path, force: bool, override: str, tool: str) ->
     return lock
 
 
-def _judge(root: Path, previous: Owner | None, owner: Owner, force: bool, override: str, flock: bool) -> str | None:
+def _judge(root: Path, previous: Owner | None, owner: Owner, force: bool, override: str, flock: bool,
+           path: Path) -> str | None:
     """None for a free root, a note for a stale lock taken over; LockError when it may be in use."""
     if previous is None:
         return None
@@ -166,12 +171,12 @@ def _judge(root: Path, previous: Owner | None, owner: Owner, force: bool, overri
     if force:
         return f"{taken}: forced ({override})"
     raise LockError(f"{root} is locked by {previous.describe()}, and host {owner.host} cannot tell whether "
-                    f"that job still runs; if it does not, rerun with {override} (or delete {root / LOCK_FILE})")
+                    f"that job still runs; if it does not, rerun with {override} (or delete {path})")
 
 
-def _acquire_by_record(root: Path, owner: Owner, force: bool, override: str) -> RootLock:
+def _acquire_by_record(root: Path, owner: Owner, force: bool, override: str, name: str) -> RootLock:
     """No flock on this file system: the record is the lock (created with O_EXCL, atomic on NFS too)."""
-    path, note = root / LOCK_FILE, None
+    path, note = root / name, None
     for _ in range(2):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
@@ -179,17 +184,17 @@ def _acquire_by_record(root: Path, owner: Owner, force: bool, override: str) -> 
             previous = _read_record_at(path)
             if previous is None and _age(path) < _FRESH_EMPTY_S and not force:
                 raise LockError(f"{root} is being locked by another job right now ({path} was just created)") from None
-            note = _judge(root, previous, owner, force, override, flock=False) or f"removing an empty lock file {path}"
+            note = _judge(root, previous, owner, force, override, flock=False, path=path) or f"removing an empty lock file {path}"
             path.unlink(missing_ok=True)
             continue
         _write_record(fd, owner)
-        return RootLock(root, fd, owner, note)
+        return RootLock(root, fd, owner, note, name)
     raise LockError(f"{path}: another job took the lock while this one was taking over a stale one")
 
 
 def _in_use(root: Path, previous: Owner | None) -> str:
     who = previous.describe() if previous is not None else "another job (its lock file holds no owner yet)"
-    return (f"{root} is in use by {who}: one job writes a checkpoint directory at a time; wait for it to "
+    return (f"{root} is in use by {who}: one job writes a directory at a time; wait for it to "
             f"finish, or write to another directory")
 
 

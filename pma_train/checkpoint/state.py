@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
-from pma_train.checkpoint import async_save, extra_state, integrity, layout, optimizer_format, rng, sidecar, space
+from pma_train.checkpoint import async_save, extra_state, integrity, layout, optimizer_format, readers, rng, sidecar, space
 from pma_train.checkpoint.layout import CheckpointError, is_gpt_checkpoint
 from pma_train.checkpoint.sidecar import TrainState
 
@@ -298,6 +298,11 @@ def load_checkpoint(path: str | Path, chunks, optimizer=None, scheduler=None,
     """Load a checkpoint (root or iter_* dir) into this rank's shards; optimizer/scheduler if given."""
     async_save.wait()  # a save in flight may be the checkpoint asked for
     ckpt = layout.resolve_checkpoint(path)
+    with readers.reading([ckpt]):  # another job's retention leaves it alone meanwhile
+        return _load(ckpt, chunks, optimizer, scheduler, same_layout_rng)
+
+
+def _load(ckpt: Path, chunks, optimizer, scheduler, same_layout_rng: bool) -> TrainState:
     layout.verify_complete(ckpt)
     # Every recorded checksum of what this load reads is verified while it runs (this rank's share, in a
     # thread), and checked before anything loaded is applied.

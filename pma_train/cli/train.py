@@ -98,8 +98,7 @@ def _run(cfg: DictConfig) -> None:
             print(f"pma-train: error: {err}", file=sys.stderr, flush=True)
         destroy_distributed()
         raise SystemExit(3 if isinstance(err, LockError) else 1) from None
-    if trainer.checkpointer.lock is not None:
-        trainer.checkpointer.lock.release()
+    trainer.checkpointer.release_locks()
     destroy_distributed()
     if summary["preempted"]:
         from pma_train.train.preemption import PREEMPTED_EXIT_CODE

@@ -35,6 +35,9 @@ class ExportConfig:
     # Largest shard: 2GB (decimal, as Hugging Face), 500MB, 512MiB, or bytes.
     max_shard_size: str = "2GB"
     overwrite: bool = False
+    # One export writes `output` at a time (lock file <output's parent>/.pma-lock.<output's name>); take
+    # over a lock another host left behind, once you know that export no longer runs.
+    force_unlock: bool = False
     # Print the target, config and shard plan; write nothing.
     dry_run: bool = False
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from pma_train.checkpoint import integrity, layout
+from pma_train.checkpoint import integrity, layout, readers
 from pma_train.checkpoint.integrity import Entry
+from pma_train.checkpoint.lock import LOCK_FILE, LockError, Owner, RootLock, acquire
 from pma_train.export.config import DTYPES, ExportConfig
 from pma_train.export.hf import (HF_CLASSES, ExportError, check_args, choose_target, describe, hf_config,
                                   plan_tensors)
@@ -149,26 +150,56 @@ def export(plan: ExportPlan) -> ExportSummary:
     """Write the plan on every rank of the default process group (or alone) and publish it."""
     import torch.distributed as dist
 
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    setup = [None, None]  # (temporary directory, error) from rank 0
+    lock = None
+    with readers.reading([plan.source.path]):  # its run's retention leaves it alone meanwhile
+        if rank == 0:
+            try:
+                lock, setup[0] = _claim_output(plan)
+            except (LockError, ExportError) as err:
+                setup[1] = str(err)
+            except OSError as err:
+                setup[1] = f"cannot create a directory next to {plan.output}: {err}"
+        if distributed:
+            dist.broadcast_object_list(setup, src=0)
+        tmp, error = setup
+        if error:
+            raise ExportError(error)
+        try:
+            return _export_into(plan, tmp)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _claim_output(plan: ExportPlan) -> tuple[RootLock, Path]:
+    """Rank 0 locks the output (a second export to it stops here, naming the first), then, as its only
+    writer, removes what killed exports left and makes this one's temporary directory."""
+    output = plan.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock = acquire(output.parent, Owner.this_process(), plan.cfg.force_unlock, "force_unlock=true",
+                   name=f"{LOCK_FILE}.{output.name}")
+    try:
+        _check_output(output, plan.source.path, plan.cfg.overwrite)  # published by another export since prepare?
+        _remove_leftovers(output)
+        tmp = output.parent / f"{layout.TMP_PREFIX}{output.name}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except BaseException:
+        lock.release()
+        raise
+    return lock, tmp
+
+
+def _export_into(plan: ExportPlan, tmp: Path) -> ExportSummary:
+    import torch.distributed as dist
+
     from pma_train.rss import PeakRss
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     output = plan.output
-    setup = [None, None]  # (temporary directory, error) from rank 0
-    if rank == 0:
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            _remove_leftovers(output)
-            setup[0] = output.parent / f"{layout.TMP_PREFIX}{output.name}.{uuid.uuid4().hex[:8]}"
-            setup[0].mkdir()
-        except OSError as err:
-            setup[1] = f"cannot create a directory next to {output}: {err}"
-    if distributed:
-        dist.broadcast_object_list(setup, src=0)
-    tmp, error = setup
-    if error:
-        raise ExportError(error)
-
     start, error, report = time.perf_counter(), None, None
     try:
         with PeakRss() as rss:

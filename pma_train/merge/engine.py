@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import integrity, layout, sidecar, space
+from pma_train.checkpoint import integrity, layout, readers, sidecar, space
 from pma_train.checkpoint.layout import is_optimizer_key
 from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
@@ -192,6 +192,11 @@ def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], d
 
 def run_merge(request: MergeRequest) -> MergeSummary:
     """Merge on every rank of the default process group (gloo is enough); returns the summary."""
+    with readers.reading([c.path for c in request.inputs]):  # their run's retention waits for this merge
+        return _run_merge(request)
+
+
+def _run_merge(request: MergeRequest) -> MergeSummary:
     rank, world = dist.get_rank(), dist.get_world_size()
     indexes, keys, out_dtype, sources = _prepare(request)
     accumulate = DTYPES[request.accumulate]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pma_train.checkpoint import layout
+from pma_train.checkpoint import layout, readers
 from pma_train.checkpoint.lock import RootLock
 from pma_train.checkpoint.megatron_args import megatron_args
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
@@ -15,13 +15,20 @@ from pma_train.config import JobConfig
 
 
 class Checkpointer:
-    def __init__(self, cfg: JobConfig, lock: RootLock | None, padded_vocab_size: int, in_background: bool = False):
+    def __init__(self, cfg: JobConfig, lock: RootLock | None, padded_vocab_size: int, in_background: bool = False,
+                 run_lock: RootLock | None = None):
         self.cfg = cfg
         self.in_background = in_background  # checkpoint.async_save: written behind training, published later
         self.root = Path(cfg.checkpoint.dir)
         self.lock = lock  # held by global rank 0 from before the root was first touched
+        self.run_lock = run_lock  # run.dir's (metrics, tracked merges), where it is not the root
         self.padded_vocab_size = padded_vocab_size
         self.last_saved_iteration: int | None = None
+
+    def release_locks(self) -> None:
+        for lock in (self.run_lock, self.lock):
+            if lock is not None:
+                lock.release()
 
     def path(self, iteration: int) -> Path:
         return self.root / layout.iter_dir_name(iteration)
@@ -86,5 +93,6 @@ class Checkpointer:
         m = self.cfg.checkpoint.init_merge
         chosen = select_spaced(m.root, m.n, m.v_tokens, m.v_iterations, m.end_iteration)
         weights = merge_weights(m.method, len(chosen), m.alpha, decay_shape=m.decay_shape)
-        average_into_model(model, [c.path for c in chosen], weights)
+        with readers.reading([c.path for c in chosen]):
+            average_into_model(model, [c.path for c in chosen], weights)
         return f"PMA-init: {m.method} of iterations {[c.iteration for c in chosen]} of {m.root}"

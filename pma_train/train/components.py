@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from pma_train import platform as platform_mod
 from pma_train.checkpoint import layout, rng
-from pma_train.checkpoint.lock import acquire_on_rank0
+from pma_train.checkpoint.lock import LockError, RootLock, acquire_on_rank0
 from pma_train.checkpoint.sidecar import TrainState
 from pma_train.config import JobConfig, validate
 from pma_train.config.perf import cuda_connections
@@ -91,10 +91,24 @@ def _build_evaluation(cfg: JobConfig, platform) -> Components:
     return Components(cfg, platform, model, valid, _num_microbatches(cfg))
 
 
+def _lock_run_dir(run_dir: Path, ckpt_root: Path, force: bool, ckpt_lock: RootLock | None) -> RootLock | None:
+    """run.dir's own lock (two jobs would interleave metrics.jsonl and tracked merges), unless it is
+    the checkpoint root, whose lock already covers it. A refusal frees the root's lock first."""
+    if run_dir.resolve() == ckpt_root.resolve():
+        return None
+    try:
+        return acquire_on_rank0(run_dir, force, "checkpoint.force_unlock=true", "pma-train")
+    except LockError:
+        if ckpt_lock is not None:
+            ckpt_lock.release()
+        raise
+
+
 def _build_training(cfg: JobConfig, platform) -> Components:
     run_dir, ckpt_root = Path(cfg.run.dir), Path(cfg.checkpoint.dir)
     # Before anything touches the root (a second job would delete this one's in-flight save).
     lock = acquire_on_rank0(ckpt_root, cfg.checkpoint.force_unlock, "checkpoint.force_unlock=true", "pma-train")
+    run_lock = _lock_run_dir(run_dir, ckpt_root, cfg.checkpoint.force_unlock, lock)
     rank0 = dist.get_rank() == 0
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +124,7 @@ def _build_training(cfg: JobConfig, platform) -> Components:
     scheduler = None if anneal else build_scheduler(optimizer, cfg.schedule, t, t.global_batch_size * t.seq_length)
     a = cfg.checkpoint.async_save  # None: asynchronous where the state lives on a GPU
     checkpointer = Checkpointer(cfg, lock, padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by),
+                                run_lock=run_lock,
                                 in_background=platform.is_cuda if a is None else a)
     state, resumed_from, notes = checkpointer.load_initial(model, optimizer, scheduler)
     if anneal:  # the branch's schedule starts where it forked, which the loaded state says
