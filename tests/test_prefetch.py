@@ -100,3 +100,17 @@ def test_the_thread_is_gone_after_close_and_after_collection():
 def test_depth_must_be_positive():
     with pytest.raises(ValueError, match="prefetch depth must be >= 1"):
         Prefetcher(_source(), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_batches_arrive_on_the_device_equal_to_the_cpu_ones():
+    device = torch.device("cuda", torch.cuda.current_device())
+    plain, ahead = _source(), Prefetcher(_source(), 2, device)
+    for _ in range(6):
+        a, b = next(plain), next(ahead)
+        for key in a:
+            assert b[key].device == device
+            # Used on the consumer's stream right away: the side-stream copy must be complete.
+            assert torch.equal(a[key], (b[key] * 1).cpu())
+    ahead.close()
+    assert not ahead.alive
