@@ -55,13 +55,16 @@ class Components:
     def train_iterators(self, consumed_samples: int):
         """Micro-batches of the training data from `consumed_samples` on (read ahead: data.prefetch)."""
         d = self.cfg.data
-
-        def make():
-            batches = MicroBatchIterator(self.train_data, self.cfg.train.micro_batch_size, *_dp_rank_and_size(),
-                                         consumed_samples, num_workers=d.num_workers)
-            return Prefetcher(batches, d.prefetch, self.platform.device) if d.prefetch > 0 else batches
-
-        return self._per_chunk(make)
+        sources = self._per_chunk(lambda: MicroBatchIterator(
+            self.train_data, self.cfg.train.micro_batch_size, *_dp_rank_and_size(), consumed_samples,
+            num_workers=d.num_workers))
+        if d.prefetch == 0:
+            return sources
+        # Threads start only once every chunk's loader workers are forked (forking beside a running
+        # thread may copy a lock it holds).
+        if isinstance(sources, list):
+            return [Prefetcher(s, d.prefetch, self.platform.device) for s in sources]
+        return Prefetcher(sources, d.prefetch, self.platform.device)
 
     def eval_iterators(self):
         """The validation micro-batches, from the first one again."""
