@@ -31,6 +31,8 @@ def job(**sections) -> JobConfig:
     ({"train__global_batch_size": 6, "train__micro_batch_size": 4}, 1, "train.global_batch_size"),
     ({"schedule__name": "linear"}, 1, "schedule.name"),
     ({"data__paths": ["/nonexistent/corpus"]}, 1, "data.paths"),
+    ({"data__prefetch": -1}, 1, "data.prefetch"),
+    ({"data__num_workers": -1}, 1, "data.num_workers"),
     ({"checkpoint__load": "/nonexistent/ckpt"}, 1, "checkpoint.load"),
     ({"parallel__vpp": 2}, 1, "parallel.vpp"),
     ({"train__eval_interval": 0}, 1, "train.eval_interval"),

@@ -273,6 +273,10 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, *, local_files: b
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 _fail("data.paths", f"{prefix + suffix} does not exist (give dataset prefixes, without .bin/.idx)")
+    if d.num_workers < 0:
+        _fail("data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.prefetch < 0:
+        _fail("data.prefetch", f"must be >= 0 (0: no read-ahead thread), got {d.prefetch}")
     if d.weights and len(d.weights) != len(d.paths):
         _fail("data.weights", f"{len(d.weights)} weights for {len(d.paths)} data.paths")
     if any(not (w >= 0 and math.isfinite(w)) for w in d.weights) or (d.weights and sum(d.weights) <= 0):

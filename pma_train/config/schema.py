@@ -203,6 +203,9 @@ class DataConfig:
     # Where prepared data (built-in corpus, dataset index caches) goes.
     cache_dir: str = "${oc.env:PMA_CACHE_DIR,${oc.env:HOME}/.cache/pma-train}"
     num_workers: int = 0
+    # Training micro-batches read ahead on a background thread (on CUDA: pinned and copied to the
+    # GPU ahead of the step); 0 = read on the main thread when the step asks.
+    prefetch: int = 2
 
 
 @dataclass

@@ -6,6 +6,7 @@ Only `tokenizer` and `corpus` are light to import; the rest imports megatron-cor
 from pma_train.data.corpus import BUILTIN_CORPUS, builtin_documents, read_jsonl_documents
 from pma_train.data.datasets import build_datasets
 from pma_train.data.loader import EvalIterator, MicroBatchIterator
+from pma_train.data.prefetch import Prefetcher
 from pma_train.data.prepare import prepare_builtin_corpus, prepare_indexed_dataset
 from pma_train.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
@@ -15,6 +16,7 @@ __all__ = [
     "EvalIterator",
     "HFTokenizer",
     "MicroBatchIterator",
+    "Prefetcher",
     "Tokenizer",
     "build_datasets",
     "build_tokenizer",

@@ -19,7 +19,7 @@ from pma_train.checkpoint.lock import LockError, RootLock, acquire_on_rank0
 from pma_train.checkpoint.sidecar import TrainState
 from pma_train.config import JobConfig, validate
 from pma_train.config.perf import cuda_connections
-from pma_train.data import EvalIterator, MicroBatchIterator, build_datasets, build_tokenizer
+from pma_train.data import EvalIterator, MicroBatchIterator, Prefetcher, build_datasets, build_tokenizer
 from pma_train.metrics import MetricsLogger
 from pma_train.model import build_model, padded_vocab_size
 from pma_train.model.build import resolved
@@ -53,11 +53,18 @@ class Components:
         return self.model[0].config
 
     def train_iterators(self, consumed_samples: int):
-        """Micro-batches of the training data from `consumed_samples` on."""
-        make = lambda: MicroBatchIterator(self.train_data, self.cfg.train.micro_batch_size,  # noqa: E731
-                                          *_dp_rank_and_size(), consumed_samples,
-                                          num_workers=self.cfg.data.num_workers)
-        return self._per_chunk(make)
+        """Micro-batches of the training data from `consumed_samples` on (read ahead: data.prefetch)."""
+        d = self.cfg.data
+        sources = self._per_chunk(lambda: MicroBatchIterator(
+            self.train_data, self.cfg.train.micro_batch_size, *_dp_rank_and_size(), consumed_samples,
+            num_workers=d.num_workers))
+        if d.prefetch == 0:
+            return sources
+        # Threads start only once every chunk's loader workers are forked (forking beside a running
+        # thread may copy a lock it holds).
+        if isinstance(sources, list):
+            return [Prefetcher(s, d.prefetch, self.platform.device) for s in sources]
+        return Prefetcher(sources, d.prefetch, self.platform.device)
 
     def eval_iterators(self):
         """The validation micro-batches, from the first one again."""

@@ -173,6 +173,8 @@ class Trainer:
         position, the iterations ahead trained (and saved) again."""
         self.state = state
         self.checkpointer.last_saved_iteration = None
+        for batches in self.train_iters if isinstance(self.train_iters, list) else [self.train_iters]:
+            getattr(batches, "close", lambda: None)()  # a read-ahead thread holds batches of the old position
         self.train_iters = self.parts.train_iterators(state.consumed_samples)
         self._call("on_resume", rewound=True)
 
