@@ -275,7 +275,7 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, *, local_files: b
                 _fail("data.paths", f"{prefix + suffix} does not exist (give dataset prefixes, without .bin/.idx)")
     if d.num_workers < 0:
         _fail("data.num_workers", f"must be >= 0, got {d.num_workers}")
-    if d.prefetch < 0:
+    if d.prefetch is not None and d.prefetch < 0:
         _fail("data.prefetch", f"must be >= 0 (0: no read-ahead thread), got {d.prefetch}")
     if d.weights and len(d.weights) != len(d.paths):
         _fail("data.weights", f"{len(d.weights)} weights for {len(d.paths)} data.paths")

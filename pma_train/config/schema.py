@@ -204,8 +204,9 @@ class DataConfig:
     cache_dir: str = "${oc.env:PMA_CACHE_DIR,${oc.env:HOME}/.cache/pma-train}"
     num_workers: int = 0
     # Training micro-batches read ahead on a background thread (on CUDA: pinned and copied to the
-    # GPU ahead of the step); 0 = read on the main thread when the step asks.
-    prefetch: int = 2
+    # GPU ahead of the step); 0 = read on the main thread when the step asks; null (auto): 2 on CUDA,
+    # 0 on CPU (where the thread only competes with the step's compute threads for the cores).
+    prefetch: Optional[int] = None
 
 
 @dataclass

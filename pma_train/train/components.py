@@ -58,13 +58,14 @@ class Components:
         sources = self._per_chunk(lambda: MicroBatchIterator(
             self.train_data, self.cfg.train.micro_batch_size, *_dp_rank_and_size(), consumed_samples,
             num_workers=d.num_workers))
-        if d.prefetch == 0:
+        depth = d.prefetch if d.prefetch is not None else (2 if self.platform.is_cuda else 0)
+        if depth == 0:
             return sources
         # Threads start only once every chunk's loader workers are forked (forking beside a running
         # thread may copy a lock it holds).
         if isinstance(sources, list):
-            return [Prefetcher(s, d.prefetch, self.platform.device) for s in sources]
-        return Prefetcher(sources, d.prefetch, self.platform.device)
+            return [Prefetcher(s, depth, self.platform.device) for s in sources]
+        return Prefetcher(sources, depth, self.platform.device)
 
     def eval_iterators(self):
         """The validation micro-batches, from the first one again."""

@@ -1,5 +1,5 @@
 """Per parameter of a DeepSpeed ZeRO checkpoint: its torch_dist key in pma-train's model and where its
-fp32 master values lie in the partition files. What `pma-merge output_format=torch_dist` reads.
+fp32 master values lie (plan.py's views). What `pma-merge output_format=torch_dist` reads.
 
 Names. The DeepSpeed engine wrapped pma-train's own model (megatron-core's HybridModel), so its
 parameter names are the module's: `embedding.word_embeddings.weight`, `decoder.layers.<i>.<...>`,
@@ -12,21 +12,18 @@ SequentialMLP at expert parallelism 1) are stacked, as megatron-core saves them,
 `mlp.experts.experts.<...>` with a leading expert axis. Any other naming (Hugging Face, Megatron-DeepSpeed's
 `language_model.`, a different module) is refused by name: its tensors would need a layout mapping.
 
-Positions, as DeepSpeed lays them out (and its zero_to_fp32 reads them back):
-- ZeRO 1 / 2: per parameter group, the parameters flattened in `param_shapes` order, concatenated,
-  padded at the end, and cut into DP equal partitions (partition k: file of dp rank k);
-- ZeRO 3: every parameter cut into DP parts of ceil(numel / DP) elements (the last padded); dp rank
-  k's flat partition (its groups concatenated) holds its part of every parameter in order.
+Positions: every input's own per-parameter view (plan.py), so inputs of other DP sizes, ZeRO stages
+or universal checkpoints convert too.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pma_train.merge.ds.archive import Archive, ArchiveError
-from pma_train.merge.ds.plan import DsPlan, DsPlanError, _param_shapes
+from pma_train.merge.ds.plan import DsPlan, DsPlanError, param_shapes
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LAYER_MODULES = ("self_attention.", "mlp.", "mixer.", "input_layernorm.", "pre_mlp_layernorm.")
@@ -37,18 +34,6 @@ _FUSED_NORMS = {"input_layernorm.": ("self_attention.linear_qkv.weight", "self_a
                 "pre_mlp_layernorm.": ("mlp.linear_fc1.weight", "mlp.linear_fc1.layer_norm_")}
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Elements [param_start, param_start + count) of a parameter's flat values, stored from element
-    `start` of fp32 partition `group` of partition file `unit` (an index into DsPlan.units)."""
-
-    unit: int
-    group: int
-    start: int
-    param_start: int
-    count: int
-
-
 @dataclass
 class DsParam:
     name: str  # DeepSpeed's (the module's) name
@@ -56,7 +41,6 @@ class DsParam:
     shape: tuple[int, ...]
     expert: int | None = None  # its index along the key's leading expert axis (stacked experts)
     global_shape: tuple[int, ...] = ()  # the key's: shape, with the expert axis in front for experts
-    segments: list[Segment] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -90,7 +74,7 @@ def expert_of(name: str) -> int | None:
 
 
 def locate(ds_plan: DsPlan) -> list[DsParam]:
-    """Every trained parameter of the newest input, with its key and segments; DsPlanError naming
+    """Every trained parameter of the newest input, with its key; DsPlanError naming
     the first parameters that are not pma-train's, or partitions that do not add up."""
     params = positions(ds_plan)
     unknown = [p.name for p in params if p.key is None]
@@ -103,7 +87,8 @@ def locate(ds_plan: DsPlan) -> list[DsParam]:
 
 
 def positions(ds_plan: DsPlan) -> list[DsParam]:
-    """Every trained parameter of the newest input with its segments, in DeepSpeed's order; the key of
+    """Every trained parameter of the newest input with its torch_dist key, in DeepSpeed's order (where its values lie: each
+    input's per-parameter view, plan.py); the key of
     a name that is not pma-train's is None."""
     newest = ds_plan.checkpoints[-1]
     if newest.mp_size != 1:
@@ -118,33 +103,12 @@ def positions(ds_plan: DsPlan) -> list[DsParam]:
         frozen = [n for group in model.objects["frozen_param_shapes"] for n in group][:3]
         raise DsPlanError(f"{newest.path}: frozen parameters {frozen}: pma-train trains every parameter; "
                           "output_format=torch_dist converts checkpoints without frozen parameters")
-    groups = _param_shapes(model)
-    _check_order(ds_plan, [list(group) for group in groups])
+    groups = param_shapes(model)
     names = {name for group in groups for name in group}
-    params = [[DsParam(name, torch_dist_key(name, names), shape, expert_of(name)) for name, shape in group.items()]
-              for group in groups]
-    _stack_experts([p for group in params for p in group], newest.path)
-    sizes = [[ref.numel for ref in unit.partitions[-1]] for unit in ds_plan.units]  # per dp rank, per group
-    if newest.zero3:
-        _locate_zero3([p for group in params for p in group], sizes, newest.path)
-    else:
-        for g, group in enumerate(params):
-            _locate_zero12(group, g, [s[g] for s in sizes], newest.path)
-    return [p for group in params for p in group]
-
-
-def _check_order(ds_plan: DsPlan, newest: list[list[str]]) -> None:
-    """Every input flattened its parameters in the newest input's order: positions are read from the
-    newest's (the plan compared names and shapes, not their order)."""
-    for ckpt in ds_plan.checkpoints[:-1]:
-        try:
-            order = [list(group) for group in _param_shapes(Archive(ckpt.path / ckpt.model_file(0)))]
-        except ArchiveError as err:
-            raise DsPlanError(str(err)) from None
-        if order != newest:
-            first = next(i for i, (a, b) in enumerate(zip(sum(order, []), sum(newest, []))) if a != b)
-            raise DsPlanError(f"{ckpt.path}: its parameters are flattened in another order than the newest input's "
-                              f"(position {first}: {sum(order, [])[first]} vs {sum(newest, [])[first]})")
+    params = [DsParam(name, torch_dist_key(name, names), shape, expert_of(name))
+              for group in groups for name, shape in group.items()]
+    _stack_experts(params, newest.path)
+    return params
 
 
 def _stack_experts(params: list[DsParam], where) -> None:
@@ -165,46 +129,3 @@ def _stack_experts(params: list[DsParam], where) -> None:
                               f"{sorted({p.shape for p in same})}: expected 0..{len(same) - 1}, one shape")
         for param in same:
             param.global_shape = (len(same), *param.shape)
-
-
-def _spans(sizes: list[int], start: int, count: int):
-    """(index, offset in it, elements) covering [start, start + count) of the concatenation of pieces of `sizes`."""
-    base = 0
-    for index, size in enumerate(sizes):
-        lo, hi = max(start, base), min(start + count, base + size)
-        if lo < hi:
-            yield index, lo - base, hi - lo
-        base += size
-
-
-def _locate_zero12(group: list[DsParam], g: int, partition_sizes: list[int], where) -> None:
-    offset = 0
-    for param in group:
-        done = 0
-        for dp, start, count in _spans(partition_sizes, offset, param.numel):
-            param.segments.append(Segment(dp, g, start, done, count))
-            done += count
-        if done != param.numel:
-            raise DsPlanError(f"{where}: parameter group {g} ends inside {param.name} (its fp32 partitions hold "
-                              f"{sum(partition_sizes)} elements): the partitions do not match param_shapes")
-        offset += param.numel
-    align = 2 * len(partition_sizes)  # DeepSpeed pads a group's flat buffer to a multiple of 2 x DP
-    if -(-offset // align) * align != -(-sum(partition_sizes) // align) * align:
-        raise DsPlanError(f"{where}: parameter group {g} holds {sum(partition_sizes)} fp32 elements, its parameters "
-                          f"{offset}: the partitions do not match param_shapes")
-
-
-def _locate_zero3(params: list[DsParam], sizes: list[list[int]], where) -> None:
-    dp_size, offset = len(sizes), 0
-    for param in params:
-        part = -(-param.numel // dp_size)
-        for dp in range(dp_size):
-            first = dp * part
-            count = min(part, param.numel - first)
-            for g, start, n in _spans(sizes[dp], offset, max(count, 0)):
-                param.segments.append(Segment(dp, g, start, first, n))
-                first += n
-        offset += part
-    if any(offset != sum(s) for s in sizes):
-        raise DsPlanError(f"{where}: each rank's fp32 partitions hold {[sum(s) for s in sizes]} elements, the "
-                          f"parameters' parts {offset}: the partitions do not match param_shapes")

@@ -95,7 +95,7 @@ def _stage(model: Archive) -> int:
     return int(stage.args[0]) if hasattr(stage, "args") else int(stage)
 
 
-def _param_shapes(model: Archive) -> list[dict]:
+def param_shapes(model: Archive) -> list[dict]:
     shapes = model.objects.get("param_shapes")
     if not isinstance(shapes, list):
         raise DsPlanError(f"{model.path}: no param_shapes")
@@ -185,12 +185,12 @@ def _universal_fragments(c: DsCheckpoint, shapes: dict) -> dict:
 def _view(c: DsCheckpoint, models: dict[int, Archive]) -> InputView:
     fragments = {}
     if c.universal:
-        shapes = {k: v for group in _param_shapes(models[0]) for k, v in group.items()}
+        shapes = {k: v for group in param_shapes(models[0]) for k, v in group.items()}
         return InputView(c, _universal_fragments(c, shapes))
     optims = {key: Archive(c.path / name) for key, name in c.optim_files.items()}
     rule = _zero3_fragments if c.zero3 else _zero12_fragments
     for mp in range(c.mp_size):
-        fragments.update(rule(c, mp, _param_shapes(models[mp]), optims))
+        fragments.update(rule(c, mp, param_shapes(models[mp]), optims))
     return InputView(c, fragments, optims)
 
 
@@ -210,14 +210,14 @@ def plan(paths: list) -> DsPlan:
     if problems:
         raise DsPlanError("\n".join(problems[:8]))
     stage = _stage(models[-1][0])
-    want = [{k: v for group in _param_shapes(models[-1][mp]) for k, v in group.items()} for mp in range(newest.mp_size)]
+    want = [{k: v for group in param_shapes(models[-1][mp]) for k, v in group.items()} for mp in range(newest.mp_size)]
     for c, model in zip(checkpoints, models):
         if c.mp_size != newest.mp_size:
             problems.append(f"{c.path}: {c.describe()}; the newest input {newest.path} has MP={newest.mp_size} "
                             "(inputs of different model-parallel sizes do not merge)")
             continue
         for mp in range(c.mp_size):
-            problems += _differences(str(model[mp].path), {k: v for group in _param_shapes(model[mp])
+            problems += _differences(str(model[mp].path), {k: v for group in param_shapes(model[mp])
                                                             for k, v in group.items()}, want[mp])
     if problems:
         raise DsPlanError("inputs differ:\n  " + "\n  ".join(problems[:8]))

@@ -34,7 +34,7 @@ from pma_train.merge.dcp_io import ChunkWriter, assemble_metadata
 from pma_train.merge.ds.archive import Archive
 from pma_train.merge.ds.params import DsParam, locate
 from pma_train.merge.ds.plan import READ_BLOCK_BYTES, DsPlan, DsPlanError, plan
-from pma_train.merge.engine import DTYPES, PROVENANCE, TMP_PREFIX, MergeError, MergeRequest, MergeSummary, _version
+from pma_train.merge.engine import DTYPES, PROVENANCE, TMP_PREFIX, MergeError, MergeRequest, MergeSummary, package_version
 from pma_train.merge.plan import Piece, assign
 from pma_train.rss import PeakRss
 
@@ -114,20 +114,17 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def read_elements(ds_plan: DsPlan, param: DsParam, input_index: int, start: int, stop: int, out: torch.Tensor,
                   weight: float = 1.0) -> int:
-    """out (flat, elements [start, stop) of the parameter) += weight x those fp32 values of one input;
-    returns the bytes read."""
+    """out (flat, elements [start, stop) of the parameter) += weight x those fp32 values of one input,
+    read through that input's own per-parameter view (plan.py: any DP size, ZeRO stage or universal
+    checkpoint); returns the bytes read."""
     done = 0
-    for seg in param.segments:
-        lo, hi = max(start, seg.param_start), min(stop, seg.param_start + seg.count)
-        if lo >= hi:
-            continue
-        unit = ds_plan.units[seg.unit]
-        archive: Archive = unit.archives[input_index]
-        ref = unit.partitions[input_index][seg.group]
+    view = ds_plan.units[0].views[input_index]
+    for frag in view.fragments[(0, param.name)]:
+        lo, hi = max(start, frag.start), min(stop, frag.start + frag.numel)
         for b_lo in range(lo, hi, READ_BLOCK_BYTES // 4):
             b_hi = min(hi, b_lo + READ_BLOCK_BYTES // 4)
-            first = seg.start + b_lo - seg.param_start
-            block = archive.read(ref, first, first + b_hi - b_lo)
+            first = frag.offset + b_lo - frag.start
+            block = frag.archive.read(frag.ref, first, first + b_hi - b_lo)
             out[b_lo - start:b_hi - start].add_(block, alpha=weight)
             done += block.numel() * block.element_size()
     return done
@@ -242,7 +239,7 @@ def _finish(request, ds_plan, by_key, out_dtype, tmp: Path, tensors, summary: Me
     (tmp / "metadata.json").write_text(json.dumps(_METADATA_JSON))
     (tmp / layout.TRAIN_STATE_SIDECAR).write_text(json.dumps(sidecar, indent=2))
     provenance = {
-        "tool": "pma-merge", "version": _version(), "method": request.method, "alpha": request.alpha,
+        "tool": "pma-merge", "version": package_version(), "method": request.method, "alpha": request.alpha,
         "decay_shape": request.decay_shape, "format": "torch_dist", "from_format": "deepspeed",
         "zero_stage": ds_plan.zero_stage,
         "inputs": [{"path": str(i.path), "iteration": i.iteration, "consumed_tokens": i.consumed_tokens, "weight": w}
