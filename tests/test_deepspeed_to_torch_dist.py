@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tests.launch import REPO, free_port, test_env, train
-from tests.test_export import TOKENS, _assert_same_logits, _export, _hf_logits, _preset
+from tests.test_export import TOKENS, assert_same_logits, export_checkpoint, hf_logits, model_preset
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 START = ["train.iters=1", "train.eval_at_start=true", "train.global_batch_size=4", "train.micro_batch_size=2",
@@ -68,8 +68,8 @@ def test_init_from_the_conversion_starts_at_the_merged_models_validation_loss(ru
 
 
 def test_export_of_the_conversion_gives_the_merged_models_logits(run, tmp_path):
-    _export(tmp_path, run / "merged", _preset("tiny"))
-    _assert_same_logits(_hf_logits(tmp_path / "hf", "LlamaForCausalLM"), torch.load(run / "reference_logits.pt"))
+    export_checkpoint(tmp_path, run / "merged", model_preset("tiny"))
+    assert_same_logits(hf_logits(tmp_path / "hf", "LlamaForCausalLM"), torch.load(run / "reference_logits.pt"))
 
 
 def test_a_deepspeed_checkpoint_given_directly_is_refused_pointing_at_the_conversion(run, tmp_path):
@@ -84,7 +84,7 @@ def test_a_deepspeed_checkpoint_given_directly_is_refused_pointing_at_the_conver
                                                   rf"pma-merge inputs=\[{given}\] output_format=torch_dist"):
             check_checkpoints(job)  # pma-train's check before anything starts: exit 2, this line
         with pytest.raises(CheckpointError, match=f"checkpoint: {given} is a DeepSpeed checkpoint.*output_format"):
-            _export(tmp_path, given, _preset("tiny"))
+            export_checkpoint(tmp_path, given, model_preset("tiny"))
 
 
 
@@ -109,11 +109,11 @@ def test_each_rank_holds_one_row_block_of_the_budget(run):
     beyond that, whatever its size."""
     from pma_train.merge.ds.params import locate
     from pma_train.merge.ds.plan import READ_BLOCK_BYTES, plan
-    from pma_train.merge.ds.to_torch_dist import _pieces
+    from pma_train.merge.ds.to_torch_dist import conversion_pieces
 
     params = locate(plan(sorted((run / "ds").glob("global_step*"))))
     room = 16 * 1024
-    pieces = _pieces(params, torch.float64, torch.float32, 2 * READ_BLOCK_BYTES + room)
+    pieces = conversion_pieces(params, torch.float64, torch.float32, 2 * READ_BLOCK_BYTES + room)
     for param in params:
         mine = [p for p in pieces if p.key == param.key and p.offsets[:len(param.prefix)] == param.prefix]
         rows = [p.offsets[len(param.prefix)] for p in mine]

@@ -161,7 +161,7 @@ def test_run_dir_in_use_stops_a_job_whose_checkpoints_go_elsewhere(tmp_path):
 
 
 def test_second_export_into_an_output_stops_before_touching_the_firsts_files(tmp_path):
-    from pma_train.export.exporter import _claim_output
+    from pma_train.export.exporter import claim_output
 
     out, ckpt = tmp_path / "hf", tmp_path / "ckpt" / "iter_0000001"
     ckpt.mkdir(parents=True)
@@ -172,11 +172,11 @@ def test_second_export_into_an_output_stops_before_touching_the_firsts_files(tmp
     holder = hold_lock(tmp_path, f"{LOCK_FILE}.hf")
     try:
         with pytest.raises(LockError, match=f"{out} is in use by pid {holder.pid} on host {socket.gethostname()}"):
-            _claim_output(plan)
+            claim_output(plan)
         assert in_flight.is_dir()
     finally:
         holder.communicate("\n", timeout=60)
-    lock, tmp = _claim_output(plan)  # once the first is gone: its leftover removed, a temporary of its own
+    lock, tmp = claim_output(plan)  # once the first is gone: its leftover removed, a temporary of its own
     try:
         assert not in_flight.exists() and tmp.is_dir() and (tmp_path / f"{LOCK_FILE}.hf").exists()
     finally:

@@ -39,7 +39,7 @@ TOKENS = [[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 256, 0, 
           [10, 200, 31, 4, 150, 66, 7, 128, 90, 3, 111, 250, 13, 140, 256, 60]]
 
 
-def _preset(name: str, overrides: dict | None = None):
+def model_preset(name: str, overrides: dict | None = None):
     from pma_train.conf import model_configs_dir
     from pma_train.config import ModelConfig
 
@@ -89,7 +89,7 @@ def work(tmp_path_factory):
     return {"base": base, "ckpt": ckpt, "logits": logits, "cli": results}
 
 
-def _export(tmp_path: Path, checkpoint: Path, model, output: Path | None = None, **kwargs):
+def export_checkpoint(tmp_path: Path, checkpoint: Path, model, output: Path | None = None, **kwargs):
     from pma_train.export import ExportConfig, export, prepare
 
     output = output or tmp_path / "hf"
@@ -97,7 +97,7 @@ def _export(tmp_path: Path, checkpoint: Path, model, output: Path | None = None,
     return export(plan)
 
 
-def _hf_logits(directory: Path, expected_class: str) -> torch.Tensor:
+def hf_logits(directory: Path, expected_class: str) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
@@ -107,7 +107,7 @@ def _hf_logits(directory: Path, expected_class: str) -> torch.Tensor:
         return model.eval()(torch.tensor(TOKENS)).logits
 
 
-def _assert_same_logits(hf: torch.Tensor, reference: torch.Tensor, vocab: int = 257) -> float:
+def assert_same_logits(hf: torch.Tensor, reference: torch.Tensor, vocab: int = 257) -> float:
     # pma-train's logits cover the padded vocabulary; the export drops the padding rows.
     assert hf.shape == (*reference.shape[:2], vocab)
     diff = (hf - reference[..., :vocab]).abs().max().item()
@@ -124,7 +124,7 @@ def _assert_same_logits(hf: torch.Tensor, reference: torch.Tensor, vocab: int = 
 ], ids=["dense-tp2-llama", "moe-ep2-mixtral", "moe-ep2-ernie", "shared-expert-dense-block-ernie"])
 def test_logits_match_pma_train(work, tmp_path, name, preset, target, hf_class):
     overrides = SHARED if name == "shared" else None
-    summary = _export(tmp_path, work["ckpt"][name], _preset(preset, overrides), target=target)
+    summary = export_checkpoint(tmp_path, work["ckpt"][name], model_preset(preset, overrides), target=target)
     out = tmp_path / "hf"
     assert summary.hf_class == hf_class and summary.shards == 1
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
@@ -132,7 +132,7 @@ def test_logits_match_pma_train(work, tmp_path, name, preset, target, hf_class):
     assert config["vocab_size"] == 257 and config["eos_token_id"] == 256 and config["architectures"] == [hf_class]
     provenance = json.loads((out / "pma_export.json").read_text())
     assert provenance["iteration"] == (1 if name == "shared" else 2)
-    _assert_same_logits(_hf_logits(out, hf_class), work["logits"][name])
+    assert_same_logits(hf_logits(out, hf_class), work["logits"][name])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -163,16 +163,16 @@ def test_two_rank_cli_export_in_small_shards(work):
     assert "on 2 rank(s)" in output
     out = work["base"] / "cli2"
     _check_index(out, 200_000)
-    _assert_same_logits(_hf_logits(out, "LlamaForCausalLM"), work["logits"]["dense"])
+    assert_same_logits(hf_logits(out, "LlamaForCausalLM"), work["logits"]["dense"])
 
 
 def test_one_shard_in_memory_at_a_time(work, tmp_path):
-    summary = _export(tmp_path, work["ckpt"]["moe"], _preset("tiny_moe"), max_shard_size="150KB")
+    summary = export_checkpoint(tmp_path, work["ckpt"]["moe"], model_preset("tiny_moe"), max_shard_size="150KB")
     _check_index(tmp_path / "hf", 150_000)
     assert summary.shards > 5
     # The writer holds the tensors of the shard it is writing, never more.
     assert summary.peak_held_bytes <= summary.largest_shard_bytes < summary.bytes_written / 5
-    _assert_same_logits(_hf_logits(tmp_path / "hf", "MixtralForCausalLM"), work["logits"]["moe"])
+    assert_same_logits(hf_logits(tmp_path / "hf", "MixtralForCausalLM"), work["logits"]["moe"])
 
 
 def test_existing_output_is_refused_and_overwrite_replaces_an_export(work, tmp_path, monkeypatch, capsys):
@@ -189,17 +189,17 @@ def test_existing_output_is_refused_and_overwrite_replaces_an_export(work, tmp_p
     assert exit_info.value.code == 2 and err.startswith("pma-export: error: output:") and "exists" in err, err
     assert (work["base"] / "taken" / "keep.txt").read_text() == "not an export"
 
-    model = _preset("tiny")
-    _export(tmp_path, work["ckpt"]["dense"], model)
+    model = model_preset("tiny")
+    export_checkpoint(tmp_path, work["ckpt"]["dense"], model)
     with pytest.raises(ExportError, match="exists"):
-        _export(tmp_path, work["ckpt"]["dense"], model)
+        export_checkpoint(tmp_path, work["ckpt"]["dense"], model)
     with pytest.raises(ExportError, match="not a previous export"):
-        _export(tmp_path, work["ckpt"]["dense"], model, output=work["base"] / "taken", overwrite=True)
+        export_checkpoint(tmp_path, work["ckpt"]["dense"], model, output=work["base"] / "taken", overwrite=True)
     (tmp_path / "hf" / "stale.txt").write_text("from the first export")
-    _export(tmp_path, work["ckpt"]["dense"], model, overwrite=True, keep_padded_vocab=True)
+    export_checkpoint(tmp_path, work["ckpt"]["dense"], model, overwrite=True, keep_padded_vocab=True)
     assert not (tmp_path / "hf" / "stale.txt").exists()
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 384
-    _assert_same_logits(_hf_logits(tmp_path / "hf", "LlamaForCausalLM"), work["logits"]["dense"], vocab=384)
+    assert_same_logits(hf_logits(tmp_path / "hf", "LlamaForCausalLM"), work["logits"]["dense"], vocab=384)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
@@ -210,21 +210,21 @@ def test_bad_input_fails_before_writing(work, tmp_path, monkeypatch):
 
     out = tmp_path / "hf"
     with pytest.raises(CheckpointError, match="does not exist"):
-        _export(tmp_path, tmp_path / "missing", _preset("tiny"))
+        export_checkpoint(tmp_path, tmp_path / "missing", model_preset("tiny"))
     # The run's recorded args catch a wrong preset ...
     with pytest.raises(ExportError, match="hybrid_layer_pattern"):
-        _export(tmp_path, work["ckpt"]["dense"], _preset("tiny_moe"))
+        export_checkpoint(tmp_path, work["ckpt"]["dense"], model_preset("tiny_moe"))
     # ... and without them (another writer's checkpoint) the tensor shapes do.
     monkeypatch.setattr(source_module, "read_common_state", lambda index: {})
     with pytest.raises(ExportError, match="shape mismatch.*linear_fc1"):
-        _export(tmp_path, work["ckpt"]["dense"], _preset("tiny", {"ffn_hidden_size": 256}))
+        export_checkpoint(tmp_path, work["ckpt"]["dense"], model_preset("tiny", {"ffn_hidden_size": 256}))
     with pytest.raises(ExportError, match="missing tensors"):
-        _export(tmp_path, work["ckpt"]["dense"], _preset("tiny4"))
+        export_checkpoint(tmp_path, work["ckpt"]["dense"], model_preset("tiny4"))
     # An incomplete checkpoint (a data file cut short).
     broken = tmp_path / "broken"
     shutil.copytree(work["ckpt"]["dense"] / "iter_0000002", broken)
     data = sorted(broken.glob("*.distcp"))[0]
     data.write_bytes(data.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated"):
-        _export(tmp_path, broken, _preset("tiny"))
+        export_checkpoint(tmp_path, broken, model_preset("tiny"))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

@@ -157,7 +157,7 @@ def export(plan: ExportPlan) -> ExportSummary:
     with readers.reading([plan.source.path]):  # its run's retention leaves it alone meanwhile
         if rank == 0:
             try:
-                lock, setup[0] = _claim_output(plan)
+                lock, setup[0] = claim_output(plan)
             except (LockError, ExportError) as err:
                 setup[1] = str(err)
             except OSError as err:
@@ -174,7 +174,7 @@ def export(plan: ExportPlan) -> ExportSummary:
                 lock.release()
 
 
-def _claim_output(plan: ExportPlan) -> tuple[RootLock, Path]:
+def claim_output(plan: ExportPlan) -> tuple[RootLock, Path]:
     """Rank 0 locks the output (a second export to it stops here, naming the first), then, as its only
     writer, removes what killed exports left and makes this one's temporary directory."""
     output = plan.output

@@ -66,7 +66,7 @@ def run_ds_to_torch_dist(request: MergeRequest) -> MergeSummary:
         raise MergeError(str(err)) from None
     accumulate = DTYPES[request.accumulate]
     out_dtype = torch.float32 if request.output_dtype == "input" else DTYPES[request.output_dtype]
-    pieces = _pieces(params, accumulate, out_dtype, request.budget_bytes)
+    pieces = conversion_pieces(params, accumulate, out_dtype, request.budget_bytes)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = assign(pieces, world)[rank]
     lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
@@ -86,7 +86,7 @@ def run_ds_to_torch_dist(request: MergeRequest) -> MergeSummary:
             lock.release()
 
 
-def _pieces(params: list[DsParam], accumulate: torch.dtype, out_dtype: torch.dtype, budget: int) -> list[Piece]:
+def conversion_pieces(params: list[DsParam], accumulate: torch.dtype, out_dtype: torch.dtype, budget: int) -> list[Piece]:
     """Row blocks of every parameter: its accumulator, output cast and a read block (with the buffer it
     is read into) within the budget."""
     per_element = _itemsize(accumulate) + _itemsize(out_dtype)
@@ -164,8 +164,8 @@ def _convert(request, ds_plan, by_key: dict[tuple, DsParam], mine: list[Piece], 
             error = space.disk_full_message(err, tmp, request.output_root) or (
                 str(err) if isinstance(err, MergeError) else f"{type(err).__name__}: {err}")
         finally:
-            for unit in ds_plan.units:  # a read left its file open
-                for archive in unit.archives:
+            for view in ds_plan.units[0].views if ds_plan.units else []:  # a read left its file open
+                for archive in {id(f.archive): f.archive for frags in view.fragments.values() for f in frags}.values():
                     archive.close()
     report = {"error": error, "tensors": writer.tensors if writer else [], "bytes_read": read,
               "bytes_written": writer.bytes_written if writer else 0, "seconds": time.perf_counter() - start,
