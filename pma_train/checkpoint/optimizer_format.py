@@ -28,7 +28,7 @@ _BUCKET_KEY_MARK = ".gbuf_idx_"  # optimizer.distributed.dp_group_idx_<i>.gbuf_i
 
 
 def sharded_metadata(optimizer_format: str) -> dict:
-    """What Megatron-LM passes when it builds sharded state dicts (see MEGATRON_ON_CPU.md)."""
+    """What Megatron-LM passes when it builds sharded state dicts (docs/checkpoint-format.md)."""
     if optimizer_format not in OPTIMIZER_FORMATS:
         raise ValueError(f"optimizer format '{optimizer_format}' is not one of {', '.join(OPTIMIZER_FORMATS)}")
     return {"distrib_optim_sharding_type": optimizer_format, "singleton_local_shards": False,
