@@ -17,6 +17,7 @@ import pytest
 
 from pma_train.checkpoint import integrity, layout
 from pma_train.checkpoint.check import CheckConfig, run_check
+from pma_train.checkpoint.readers import READERS_FILE
 from tests.launch import REPO, test_env, train
 
 SHAPE = ["train.seq_length=32", "train.global_batch_size=4", "train.micro_batch_size=2", "train.eval_iters=1"]
@@ -74,13 +75,16 @@ def work(tmp_path_factory):
         "export_good": export(good, base / "hf"),
         "check_bad": ["-X", "importtime", "-m", "pma_train.cli.check", str(bad), "progress_bar=false"],
     }
-    before = {p: p.stat().st_mtime_ns for p in bad.rglob("*")}
+    # Readers hold leases in <root>/.pma-readers (a lock file, created by the first); the checkpoints
+    # themselves stay as they were.
+    checkpoint_files = lambda: {p: p.stat().st_mtime_ns for p in bad.rglob("*") if p.name != READERS_FILE}  # noqa: E731
+    before = checkpoint_files()
     started = {name: _start(name, args, base) for name, args in jobs.items()}
     done = {}
     for name, (proc, log) in started.items():
         proc.wait(timeout=600)
         done[name] = (proc.returncode, log.read_text())
-    assert {p: p.stat().st_mtime_ns for p in bad.rglob("*")} == before  # no reader touched the checkpoint
+    assert checkpoint_files() == before  # no reader touched the checkpoint
     return {"base": base, "good": good, "bad": bad, "flipped": flipped, "copies": copies, "done": done}
 
 
