@@ -10,8 +10,11 @@
 # --dry runs everything that has a CPU meaning on the CPU with tiny sizes (two lanes in parallel),
 # so the script cannot rot: the GPU-only sections (tiny_moe, cross-device resume, multi-GPU,
 # the dense_411m performance table) are SKIPped and listed at the end. tests/test_gpu_acceptance.py
-# runs it. A full GPU run should take about 8 minutes on one H100/H200 (per-step times are at the end of
-# the log; PMA_ACCEPT_PERF=0 leaves out the performance table, the longest part: 4 runs of dense_411m).
+# runs it. On a GPU the functional checks run in three lanes, then the timed table alone (per-step
+# times are at the end of the log). PMA_ACCEPT_PERF=0 leaves out the performance table, the longest
+# part; PMA_ACCEPT_DEADLINE=S starts no table run after S seconds (those rows say so), so the table is
+# written within a device lease; PMA_ACCEPT_SECTIONS="init perf" runs only the sections named (of
+# tiny init xdev resume pma spike multi perf; pma needs tiny's run and makes it).
 #
 # On a host without the Python packages, the offline kit is installed first (wheels in .gpukit/:
 # megatron-core, hydra-core, omegaconf, antlr4 runtime). PYTHON picks the interpreter (python3).
@@ -79,6 +82,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit into logs/NAME.log; 
     return $status
 }
 verdict() { [ "$1" = 0 ] && echo PASS || echo FAIL; }  # verdict STATUS
+# want SECTION: PMA_ACCEPT_SECTIONS (GPU mode; e.g. "init perf" to rerun two) is unset or names it.
+want() { [ -z "${PMA_ACCEPT_SECTIONS:-}" ] || [[ " $PMA_ACCEPT_SECTIONS " == *" $1 "* ]]; }
 skip() { row "$1" "$2" SKIP "$3"; echo "- $2: $3" >>"$WORK/skipped"; }  # skip SECTION CHECK REASON
 gpu_only() { skip "$1" "$2" "dry mode: needs a GPU${3:+ ($3)}"; }
 
@@ -117,11 +122,11 @@ s_perf_resolved() {
     local line setting status=0 want=(bias_dropout_fusion overlap_grad_reduce)
     line=$(grep -m1 "^perf:" "$OUT/logs/tiny.log" | tr '|' ';')
     if [ "$DRY" = 1 ]; then
-        [ "$line" = "perf: on: none" ] || status=1
+        [ "$line" = "perf: on: none ; attention local" ] || status=1
         row 02 "perf settings resolved (CPU: all off)" "$(verdict $status)" "${line:-no perf line}"
         return
     fi
-    [ -f "$WORK/have_te" ] && want+=(apply_rope_fusion)
+    [ -f "$WORK/have_te" ] && want+=(apply_rope_fusion "attention te") || want+=("attention sdpa")
     for setting in "${want[@]}"; do echo "$line" | grep -q "$setting" || status=1; done
     if [ -f "$WORK/have_te" ]; then
         grep -m1 "^perf:" "$OUT/logs/tiny_moe.log" | grep -q "moe_permute_fusion.*moe_grouped_gemm" || status=1
@@ -166,6 +171,7 @@ s_xdev() {
 # 5. a run stopped and restarted equals the uninterrupted one, bit for bit (dry: the tiny run is the reference)
 s_resume_runs() {
     [ "$DRY" = 1 ] || step uninterrupted 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/u"
+    [ "$DRY" = 1 ] || step uninterrupted-again 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/u2"
     step stop-at-$STOP 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/r train.exit_after_iters=$STOP"
     step resume 180 "$TRAIN model=tiny $COMMON run.dir=$WORK/r"
 }
@@ -174,6 +180,9 @@ s_resume_compare() {
     [ "$DRY" = 1 ] && reference=$WORK/tiny
     figures=$($CHECK same-losses "$reference" "$WORK/r")
     row 05 "stop at $STOP + resume = uninterrupted" "$(verdict $?)" "$figures"
+    # Two runs of the same job: if they differ, so may a resumed one, and the cause is the kernels.
+    [ "$DRY" = 1 ] || row 05 "two uninterrupted runs are equal (determinism)" \
+        "$(figures=$($CHECK same-losses "$WORK/u" "$WORK/u2"); verdict $?)" "$($CHECK same-losses "$WORK/u" "$WORK/u2")"
 }
 
 # 6. PMA on the tiny run's checkpoints: pma-merge, PMA-init from the merge, an annealing branch
@@ -214,22 +223,23 @@ s_multi() {
 # 9. throughput of a dense_411m-shaped run (byte vocabulary), seq 4096, with each performance setting toggled
 PERF_TOGGLES=(
     "default (bf16, mbs 1, num_workers 0, perf auto: all on that this host allows)|"
-    "train.precision=fp32|train.precision=fp32"
-    "train.micro_batch_size=2|train.micro_batch_size=2"
-    "data.num_workers=2|data.num_workers=2"
-    "all perf settings off|perf.bias_activation_fusion=false perf.bias_dropout_fusion=false perf.masked_softmax_fusion=false \
-perf.apply_rope_fusion=false perf.gradient_accumulation_fusion=false perf.cross_entropy_loss_fusion=false \
-perf.overlap_grad_reduce=false perf.overlap_param_gather=false perf.deallocate_pipeline_outputs=false"
-    "perf.cross_entropy_loss_fusion=false|perf.cross_entropy_loss_fusion=false"
-    "perf.overlap_grad_reduce=false|perf.overlap_grad_reduce=false perf.overlap_param_gather=false"
-    "perf.recompute_granularity=selective|perf.recompute_granularity=selective"
-    "perf.recompute_granularity=full (uniform, 1)|perf.recompute_granularity=full perf.recompute_method=uniform perf.recompute_num_layers=1"
+    "perf.attention_backend=local (megatron-core's unfused attention)|perf.attention_backend=local"
     "perf.fp8=hybrid (tensorwise)|perf.fp8=hybrid perf.fp8_recipe=tensorwise"
     "perf.cuda_graph_impl=transformer_engine|perf.cuda_graph_impl=transformer_engine"
+    "perf.recompute_granularity=selective|perf.recompute_granularity=selective"
+    "perf.cross_entropy_loss_fusion=false|perf.cross_entropy_loss_fusion=false"
+    "perf.overlap_grad_reduce=false|perf.overlap_grad_reduce=false perf.overlap_param_gather=false"
+    "data.num_workers=2|data.num_workers=2"
+    "perf.recompute_granularity=full (uniform, 1)|perf.recompute_granularity=full perf.recompute_method=uniform perf.recompute_num_layers=1"
+    "fusions and DDP overlap off|perf.bias_activation_fusion=false perf.bias_dropout_fusion=false perf.masked_softmax_fusion=false \
+perf.apply_rope_fusion=false perf.gradient_accumulation_fusion=false perf.cross_entropy_loss_fusion=false \
+perf.overlap_grad_reduce=false perf.overlap_param_gather=false perf.deallocate_pipeline_outputs=false"
+    "train.micro_batch_size=2|train.micro_batch_size=2"
+    "train.precision=fp32|train.precision=fp32"
 )
 # megatron-core / Transformer Engine settings the table does not toggle, and why.
 PERF_MISSING="Transformer Engine spec (used whenever TE is importable; no key); pinned-memory background prefetch; \
-the fusions one by one (bias-activation, bias-dropout, RoPE, gradient accumulation: together in 'all perf settings off'); \
+the fusions one by one (bias-activation, bias-dropout, RoPE, gradient accumulation: together in 'fusions and DDP overlap off'); \
 TE cross entropy (perf.cross_entropy_fusion_impl=te, refused by Megatron-LM); FP8 delayed scaling (tensorwise measured); \
 masked-softmax fusion (TE's attention has its own softmax); overlap_p2p_comm and deallocate_pipeline_outputs (need PP); \
 tp_comm_overlap and CUDA_DEVICE_MAX_CONNECTIONS (need TP > 1: the multi-GPU part); MoE grouped GEMM / permute fusion / \
@@ -243,12 +253,16 @@ s_perf() {
         skip 09 "dense_411m-shaped performance table" "$why"
         return
     fi
-    local i=0
+    local i=0 deadline=${PMA_ACCEPT_DEADLINE:-0}
     for toggle in "${PERF_TOGGLES[@]}"; do
         local label=${toggle%%|*} extra=${toggle#*|} run=$WORK/dense-$i
+        if [ "$deadline" -gt 0 ] && [ $(($(date +%s) - STARTED)) -ge "$deadline" ]; then
+            echo "| $label | | | | | not run: PMA_ACCEPT_DEADLINE=$deadline s reached |" >>"$WORK/perf.md"
+            i=$((i + 1)); continue
+        fi
         nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 -i 0 >"$WORK/mem-$i.csv" 2>/dev/null &
         local smi=$!
-        step "dense_411m-$i" 300 "$TRAIN model=dense_411m run.dir=$run train.seq_length=4096 model.max_position_embeddings=4096 \
+        step "dense_411m-$i" 150 "$TRAIN model=dense_411m run.dir=$run train.seq_length=4096 model.max_position_embeddings=4096 \
 train.micro_batch_size=1 train.global_batch_size=8 train.iters=10 train.log_interval=5 train.eval_interval=1000 train.eval_iters=1 \
 checkpoint.interval=1000 checkpoint.save_at_end=false $extra"
         local status=$?
@@ -276,7 +290,19 @@ if [ "$DRY" = 1 ]; then
     wait $lane_a $lane_b
     s_xdev; s_resume_compare; s_multi; s_perf
 else
-    s_env; s_tiny; s_init; s_xdev; s_resume_runs; s_resume_compare; s_pma; s_spike; s_multi; s_perf
+    # The tiny jobs are far from filling one GPU or 16 cores: three lanes, each with its own data
+    # cache; the multi-GPU runs and the timed table run alone afterwards.
+    s_env
+    ( { want tiny || want pma; } && s_tiny; want pma && s_pma ) &
+    lane_a=$!
+    ( export PMA_CACHE_DIR=$WORK/cache-b; want init && s_init; want resume && s_resume_runs; want spike && s_spike ) &
+    lane_b=$!
+    ( export PMA_CACHE_DIR=$WORK/cache-c; want xdev && s_xdev ) &
+    lane_c=$!
+    wait $lane_a $lane_b $lane_c
+    want resume && s_resume_compare
+    want multi && s_multi
+    want perf && s_perf
 fi
 
 for f in "$OUT"/logs/*.log; do echo "==== $(basename "$f")"; cat "$f"; done >"$LOG"

@@ -11,6 +11,7 @@ initialisation, then tests.test_init's row-by-row reference of our init), tensor
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -33,7 +34,8 @@ def main() -> None:
     cfg.model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                                     OmegaConf.load(model_configs_dir() / f"{model_name}.yaml")))
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp = tp, pp, (vpp or None)
-    platform = detect()
+    # CUDA_VISIBLE_DEVICES='' (gpu_acceptance.sh's CPU build on a GPU host) asks for the CPU on purpose.
+    platform = detect("gloo" if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else None)
     init_distributed(cfg.parallel, platform, cfg.seed)
     chunks = build_model(cfg, platform, vocab_size=257)
 
@@ -49,7 +51,6 @@ def main() -> None:
             replicated += 1
     assert replicated > 0
     if dist.get_rank() == 0:
-        import os
 
         os.makedirs(out_dir)
     dist.barrier()
@@ -85,7 +86,6 @@ def live_merge_main() -> None:
 
     out = out_json.replace(".json", "")
     if dist.get_rank() == 0:
-        import os
 
         os.makedirs(out)
     dist.barrier()

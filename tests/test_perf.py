@@ -27,6 +27,7 @@ CUDA_TE = Host(cuda=True, te=True, wgrad_kernel=True)
     ({"perf__tp_comm_overlap": "yes"}, 1, "perf.tp_comm_overlap"),
     ({"model__moe_grouped_gemm": "on"}, 1, "model.moe_grouped_gemm"),
     ({"perf__cross_entropy_fusion_impl": "apex"}, 1, "perf.cross_entropy_fusion_impl"),
+    ({"perf__attention_backend": "flash"}, 1, "perf.attention_backend"),
     ({"perf__bucket_size": 0}, 1, "perf.bucket_size"),
     ({"perf__overlap_param_gather": True, "parallel__use_distributed_optimizer": False}, 1, "perf.overlap_param_gather"),
     ({"perf__overlap_param_gather": True, "perf__overlap_grad_reduce": False}, 1, "perf.overlap_param_gather"),
@@ -99,6 +100,7 @@ def test_auto_table(host, on):
     assert is_resolved(dense) and resolve(dense, host) == dense  # once, and idempotent
     assert {n for n in AUTO_FLAGS if getattr(dense.perf, n)} == on
     assert dense.perf.moe_router_dtype == "param" and dense.perf.cuda_device_max_connections is None
+    assert dense.perf.attention_backend == ("te" if host.te else "sdpa" if host.cuda else "local")
     # TP > 1 on CUDA: CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron-LM's requirement); interleaved PP: p2p overlap.
     wide = JobConfig()
     wide.parallel.tp, wide.parallel.pp, wide.parallel.vpp = 2, 2, 2
@@ -113,7 +115,7 @@ def test_auto_table(host, on):
 def test_everything_is_off_on_cpu_and_the_banner_says_so():
     cfg = resolve(_moe(), CPU)
     assert not any(v for k, v in _chosen(cfg).items() if k != "moe_router_dtype")
-    assert summary(cfg) == "perf: on: none | router param, dispatcher alltoall"
+    assert summary(cfg) == "perf: on: none | attention local | router param, dispatcher alltoall"
 
 
 def test_explicit_overrides_win_and_what_a_host_lacks_is_named():
@@ -126,7 +128,8 @@ def test_explicit_overrides_win_and_what_a_host_lacks_is_named():
                               ("perf.fp8", "hybrid", CUDA), ("perf.cuda_graph_impl", "local", CPU),
                               ("perf.cross_entropy_fusion_impl", "te", CUDA),
                               ("perf.recompute_modules", ["core_attn", "layernorm"], CUDA),
-                              ("model.moe_grouped_gemm", True, CPU), ("model.moe_token_dispatcher_type", "flex", CUDA_TE)]:
+                              ("model.moe_grouped_gemm", True, CPU), ("model.moe_token_dispatcher_type", "flex", CUDA_TE),
+                              ("perf.attention_backend", "te", CUDA), ("perf.attention_backend", "sdpa", CUDA_TE)]:
         cfg = _moe()
         section, key = name.split(".")
         setattr(getattr(cfg, section), key, value)
@@ -237,13 +240,37 @@ RECOMPUTE = {"none": [], "selective": ["perf.recompute_granularity=selective",
              "full": ["perf.recompute_granularity=full", "perf.recompute_method=uniform", "perf.recompute_num_layers=2"]}
 
 
+def test_sdpa_attention_equals_megatron_local():
+    """perf.attention_backend=sdpa computes megatron-core's local attention (causal, grouped-query heads):
+    outputs and the gradients of q, k, v equal to fp32 rounding; a mask it cannot honour is refused."""
+    proc = launch.run_module(["tests.attention_driver"], nproc=None, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [48, 3, 64]
+    for key in ("out", "dq", "dk", "dv"):
+        assert result[key] < 1e-5, result
+    assert "perf.attention_backend=sdpa takes no attention mask" in result["mask"]
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from pma_train.model.attention import SDPAttention
+    from pma_train.model.spec import local_stack_spec
+
+    core = lambda spec: spec.submodules.attention_layer.submodules.self_attention.submodules.core_attention  # noqa: E731
+    assert core(local_stack_spec(attention="sdpa")) is SDPAttention
+    assert core(local_stack_spec(attention="local")) is DotProductAttention
+
+
 def test_recompute_trains_to_the_same_losses(tmp_path):
     """Recomputation repeats the forward in backward: the same numbers, bit for bit, on CPU (three
-    real trainings, one process; the banner names the setting)."""
+    real trainings, one process; the banner names the setting). The same job with SDPA attention
+    trains to the same losses within fp32 rounding (on CPU torch may even pick the same operations)."""
     runs = {name: STEPS + extra for name, extra in RECOMPUTE.items()}
+    runs["sdpa"] = STEPS + ["perf.attention_backend=sdpa"]
     proc = launch.run_module(["tests.recompute_driver", str(tmp_path), json.dumps(runs)], nproc=None, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(result["none"]["loss"]) == 3
     assert result["selective"] == result["full"] == result["none"]
+    assert result["sdpa"]["loss"] == pytest.approx(result["none"]["loss"], rel=1e-5)
+    assert "attention sdpa" in proc.stdout and "attention local" in proc.stdout
     assert "recompute selective (core_attn,mlp)" in proc.stdout and "recompute full (uniform, 2 layers)" in proc.stdout

@@ -48,6 +48,9 @@ FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts")
 MOE_DISPATCHERS = ("allgather", "alltoall", "flex")
+# te: Transformer Engine's (the TE spec); sdpa: torch's scaled_dot_product_attention (flash /
+# memory-efficient kernels); local: megatron-core's unfused DotProductAttention (CPU numerics).
+ATTENTION_BACKENDS = ("te", "sdpa", "local")
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -64,6 +67,7 @@ def check_perf(cfg: JobConfig) -> None:
     _one_of("perf.tp_comm_overlap", pf.tp_comm_overlap, (True, False))
     _one_of("model.moe_grouped_gemm", m.moe_grouped_gemm, (None, True, False))
     _one_of("perf.cross_entropy_fusion_impl", pf.cross_entropy_fusion_impl, ("native", "te"))
+    _one_of("perf.attention_backend", pf.attention_backend, (None, *ATTENTION_BACKENDS))
     if pf.bucket_size is not None and not pf.bucket_size >= 1:
         _fail("perf.bucket_size", f"must be >= 1 element (or null: megatron-core's default), got {pf.bucket_size}")
     if pf.overlap_param_gather and not p.use_distributed_optimizer:
@@ -138,7 +142,7 @@ def _choose(name: str, value: Optional[bool], auto: bool, can: bool, needs: str,
 
 def is_resolved(cfg: JobConfig) -> bool:
     return cfg.model.moe_grouped_gemm is not None and all(getattr(cfg.perf, n) is not None for n in AUTO_FLAGS) \
-        and cfg.perf.moe_router_dtype is not None
+        and cfg.perf.moe_router_dtype is not None and cfg.perf.attention_backend is not None
 
 
 def cuda_connections(cfg: JobConfig, cuda: bool) -> Optional[int]:
@@ -148,6 +152,20 @@ def cuda_connections(cfg: JobConfig, cuda: bool) -> Optional[int]:
     if pf.cuda_device_max_connections is None and cuda and (p.tp > 1 or pf.tp_comm_overlap):
         return 1  # Megatron-LM asserts it for TP on GPUs before Blackwell; harmless after
     return pf.cuda_device_max_connections
+
+
+def attention_backend(value: Optional[str], host: Host) -> str:
+    """te wherever the TE spec is used (TE on CUDA), sdpa on other CUDA hosts, local (unfused, the CPU's
+    reference numerics) on CPU; an explicit choice must match the spec the host gets."""
+    te = host.cuda and host.te
+    if value is None:
+        return "te" if te else "sdpa" if host.cuda else "local"
+    if te and value != "te":
+        _fail("perf.attention_backend", f"{value}: a CUDA host with Transformer Engine builds TE's spec, whose "
+                                        "attention is TE's (te)")
+    if value == "te" and not te:
+        _fail("perf.attention_backend", f"te needs CUDA with Transformer Engine, and this is {host.describe()}")
+    return value
 
 
 def resolve(cfg: JobConfig, host: Host) -> JobConfig:
@@ -197,6 +215,7 @@ def resolve(cfg: JobConfig, host: Host) -> JobConfig:
         _fail("model.moe_token_dispatcher_type", f"flex needs CUDA and the {m.moe_flex_dispatcher_backend} "
                                                  f"kernels (model.moe_flex_dispatcher_backend), which this host lacks")
     out["cuda_device_max_connections"] = cuda_connections(cfg, cuda)
+    out["attention_backend"] = attention_backend(pf.attention_backend, host)
 
     grouped = _choose("model.moe_grouped_gemm", m.moe_grouped_gemm, cuda and te and moe, cuda and te,
                       "CUDA with Transformer Engine (TE's GroupedLinear)", host)
@@ -216,7 +235,7 @@ def summary(cfg: JobConfig) -> str:
     on = [n for n in AUTO_FLAGS if getattr(pf, n)]
     if cfg.model.num_experts and cfg.model.moe_grouped_gemm:
         on.append("moe_grouped_gemm")
-    parts = ["on: " + (", ".join(on) if on else "none")]
+    parts = ["on: " + (", ".join(on) if on else "none"), f"attention {pf.attention_backend}"]
     if pf.cross_entropy_loss_fusion:
         parts.append(f"cross entropy {pf.cross_entropy_fusion_impl}")
     if pf.overlap_grad_reduce:

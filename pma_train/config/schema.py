@@ -288,6 +288,8 @@ class PerfConfig:
     gradient_accumulation_fusion: Optional[bool] = None
     cross_entropy_loss_fusion: Optional[bool] = None
     cross_entropy_fusion_impl: str = "native"  # native | te
+    # Core attention: null (auto: te with TE, sdpa on other CUDA hosts, local on CPU) | te | sdpa | local
+    attention_backend: Optional[str] = None
     # DDP overlap; bucket size in elements (null: megatron-core's max(40M, 1M x DP))
     overlap_grad_reduce: Optional[bool] = None
     overlap_param_gather: Optional[bool] = None

@@ -164,7 +164,8 @@ def build_chunks(cfg: JobConfig, config: TransformerConfig, platform: Platform, 
     use_te = platform.is_cuda and have_transformer_engine()
     experts = cfg.model.num_experts
     grouped = config.moe_grouped_gemm
-    spec = te_stack_spec(experts, grouped) if use_te else local_stack_spec(experts, grouped)
+    spec = te_stack_spec(experts, grouped) if use_te else \
+        local_stack_spec(experts, grouped, cfg.perf.attention_backend or "local")
     vpp = cfg.parallel.vpp
     pattern = staged_pattern(cfg.model, cfg.parallel.pp * (vpp or 1))
     chunks = []

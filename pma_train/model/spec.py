@@ -86,18 +86,28 @@ def te_stack_spec(num_experts: int | None = None, moe_grouped_gemm: bool = True)
     return replace(hybrid_stack_spec, submodules=replace(hybrid_stack_spec.submodules, moe_layer=moe_layer))
 
 
-def local_stack_spec(num_experts: int | None = None, moe_grouped_gemm: bool = False) -> ModuleSpec:
+def local_stack_spec(num_experts: int | None = None, moe_grouped_gemm: bool = False,
+                     attention: str = "local") -> ModuleSpec:
     """A HybridStack spec from the local GPT layer's pieces, split into attention / MLP / MoE layers.
 
     The keys maps make checkpoint keys equal to the TE spec's (whose norms are fused into the
-    next linear), so CPU-written and GPU-written checkpoints interchange.
+    next linear), so CPU-written and GPU-written checkpoints interchange. `attention`: sdpa puts
+    torch's fused attention (model/attention.py) in place of megatron-core's unfused one.
     """
     dense = get_gpt_layer_local_submodules(normalization="RMSNorm")
+    self_attention = dense.self_attention
+    if attention == "sdpa":
+        from dataclasses import replace
+
+        from pma_train.model.attention import SDPAttention
+
+        self_attention = replace(self_attention, submodules=replace(self_attention.submodules,
+                                                                    core_attention=SDPAttention))
     attention_layer = ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=LocalNorm,
-            self_attention=dense.self_attention,
+            self_attention=self_attention,
             self_attn_bda=dense.self_attn_bda,
             sharded_state_dict_keys_map={"input_layernorm.": "self_attention.linear_qkv.layer_norm_"},
         ),
