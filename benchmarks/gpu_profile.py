@@ -34,6 +34,7 @@ def main(out_file: str, overrides: list[str]) -> None:
 
     from pma_train.conf import CONF_DIR, register_configs
     from pma_train.config import to_job_config
+    from pma_train.parallel import destroy_distributed
     from pma_train.train.trainer import Trainer
 
     register_configs()
@@ -46,6 +47,9 @@ def main(out_file: str, overrides: list[str]) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     wall = time.perf_counter() - started
+    # As the CLI ends a job (the GPU run without this hung at exit past its time limit).
+    trainer.checkpointer.lock.release()
+    destroy_distributed()
     # Kernels only: an operator's own device time repeats its kernels'.
     kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in kernels) or 1.0
