@@ -303,3 +303,28 @@ def test_output_format_torch_dist_refuses_a_model_that_is_not_pma_trains(runs, t
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "parameter '0.weight' is not a parameter of pma-train's model" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+def test_param_shapes_that_disagree_with_the_partitions_are_named_before_the_output_exists(runs, tmp_path):
+    """A corrupt shape in every input alike (no input differs from the newest): its element count
+    against the partition files, before anything is written."""
+    root = tmp_path / "corrupt"
+    for tag in STEP_TAGS:  # the last parameter one element short: within the group's recorded padding of 1
+        _edit_param_shapes(_copy(runs / "z2_bf16" / tag, root / tag) / "mp_rank_00_model_states.pt",
+                           lambda shapes: shapes.update({"4.bias": torch.Size([2])}))
+    (root / "latest").write_text(STEP_TAGS[-1])
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"root={root}", "n=3", "v_iterations=1",
+                           f"output={out}", "progress_bar=false"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"{root / 'global_step1' / 'mp_rank_00_model_states.pt'}: param_shapes of group 0 hold 842 elements, its 2 "
+            "partition files (bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt, ...) 422 + 421 with the group_paddings "
+            "[0, 1] they record: param_shapes and partitions disagree") in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+    # ZeRO-3 (one part of every parameter per rank file): the rank file that disagrees is named
+    z3 = _copy(runs / "z3_fp32" / "global_step1", tmp_path / "z3" / "global_step1")
+    _edit_param_shapes(z3 / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                       lambda shapes: shapes.update({"2.bias": torch.Size([2])}))
+    with pytest.raises(DsPlanError, match=r"do not hold 411 elements.*zero_pp_rank_0_mp_rank_00_optim_states.pt holds 422"):
+        plan([z3])
