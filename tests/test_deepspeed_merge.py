@@ -328,3 +328,21 @@ def test_param_shapes_that_disagree_with_the_partitions_are_named_before_the_out
                        lambda shapes: shapes.update({"2.bias": torch.Size([2])}))
     with pytest.raises(DsPlanError, match=r"do not hold 411 elements.*zero_pp_rank_0_mp_rank_00_optim_states.pt holds 422"):
         plan([z3])
+
+
+def test_a_deepspeed_merge_that_cannot_fit_its_output_is_refused_before_writing(runs, tmp_path):
+    from tests.test_exclusive import temporaries, tmpfs
+
+    inputs = ",".join(str(runs / "z2_bf16" / tag) for tag in STEP_TAGS)  # its output: 27 KiB, the newest's files
+    with tmpfs(tmp_path / "fs", "16k") as out:
+        args = [sys.executable, "-m", "pma_train.cli.merge", f"inputs=[{inputs}]", f"output={out}", "progress_bar=false"]
+        refused = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1, refused.stderr[-3000:]
+        assert f"output: {out} has " in refused.stderr and "(the newest input's files, rewritten); nothing was " \
+            "written" in refused.stderr, refused.stderr[-3000:]
+        assert not (out / "global_step3").exists() and temporaries(out) == []
+        # check_free_space=false: past the check, into the full disk (named, the partial output removed)
+        unchecked = subprocess.run(args + ["check_free_space=false"], cwd=REPO, env=_env(), capture_output=True,
+                                   text=True, timeout=300)
+        assert unchecked.returncode == 1 and "disk full" in unchecked.stderr, unchecked.stderr[-3000:]
+        assert not (out / "global_step3").exists() and temporaries(out) == []
