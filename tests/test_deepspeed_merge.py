@@ -346,3 +346,45 @@ def test_a_deepspeed_merge_that_cannot_fit_its_output_is_refused_before_writing(
                                    text=True, timeout=300)
         assert unchecked.returncode == 1 and "disk full" in unchecked.stderr, unchecked.stderr[-3000:]
         assert not (out / "global_step3").exists() and temporaries(out) == []
+
+
+LEASE_HOLDER = """
+import sys
+from pma_train.merge.ds.archive import Archive
+read = Archive.read
+def paused(self, *args, **kwargs):  # the merge's first read of a partition: wait for the test
+    Archive.read = read
+    print("reading", flush=True)
+    sys.stdin.readline()
+    return read(self, *args, **kwargs)
+Archive.read = paused
+from pma_train.cli.merge import main
+main()
+"""
+
+
+def test_a_deepspeed_merge_holds_reader_leases_on_its_inputs(runs, tmp_path):
+    """While the merge reads, retention of the inputs' root (in another process) may delete none of them."""
+    from pma_train.checkpoint import readers
+
+    root = tmp_path / "ds"
+    for tag in STEP_TAGS:
+        _copy(runs / "z2_bf16" / tag, root / tag)
+    (root / "latest").write_text(STEP_TAGS[-1])
+    merge = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, f"root={root}", "n=3", "v_iterations=1",
+                              f"output={tmp_path / 'out'}", "progress_bar=false"], cwd=REPO, env=_env(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while (line := merge.stdout.readline()) and line.strip() != "reading":
+            pass
+        assert line.strip() == "reading", merge.communicate(timeout=60)[1][-3000:]
+        for step in range(1, ds_driver.STEPS + 1):
+            with readers.deleting(root, step) as free:
+                assert not free, step
+    finally:
+        _, err = merge.communicate("\n", timeout=300)
+    assert merge.returncode == 0, err[-3000:]
+    assert (tmp_path / "out" / "global_step3" / "pma_merge.json").is_file()
+    for step in range(1, ds_driver.STEPS + 1):  # released with the merge
+        with readers.deleting(root, step) as free:
+            assert free, step

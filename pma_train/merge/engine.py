@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import integrity, layout, readers, sidecar
+from pma_train.checkpoint import integrity, layout, sidecar
 from pma_train.checkpoint.layout import is_optimizer_key
 from pma_train.merge.dcp_io import (
     CheckpointIndex,
@@ -37,6 +37,7 @@ from pma_train.merge.publish import (
     MergeSummary,
     claimed_output,
     describe,
+    inputs_leased,
     publish,
 )
 from pma_train.merge.sources import Source, plan_sources
@@ -159,7 +160,7 @@ def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], d
 
 def run_merge(request: MergeRequest) -> MergeSummary:
     """Merge on every rank of the default process group (gloo is enough); returns the summary."""
-    with readers.reading([c.path for c in request.inputs]):  # their run's retention waits for this merge
+    with inputs_leased(request):
         return _run_merge(request)
 
 

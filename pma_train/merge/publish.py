@@ -1,6 +1,6 @@
 """What every merge engine (torch_dist, DeepSpeed, DeepSpeed -> torch_dist) does around its own work.
 
-A merge's request and errors; its output root claimed (the lock, a recheck that the output is still
+A merge's request and errors; reader leases on its inputs; its output root claimed (the lock, a recheck that the output is still
 not there, leftovers of killed merges removed, the free-space precheck, a temporary directory of
 its own); every rank's failure told to every rank; and the publish: the ranks' reports become the
 `MergeSummary`, rank 0 finishes (metadata, provenance, checksums, the atomic rename) and its failure
@@ -18,8 +18,9 @@ from typing import Callable, Iterator
 
 import torch.distributed as dist
 
-from pma_train.checkpoint import layout, space
+from pma_train.checkpoint import layout, readers, space
 from pma_train.checkpoint.lock import acquire_on_rank0
+from pma_train.merge.ds import layout as ds
 from pma_train.merge.select import CheckpointInfo
 
 TMP_PREFIX = layout.TMP_PREFIX + "merge-"
@@ -67,6 +68,13 @@ def describe(err: Exception, tmp: Path, root: Path) -> str:
     """One line for a rank's failure while writing tmp: a full disk named as such."""
     return space.disk_full_message(err, tmp, root) or (
         str(err) if isinstance(err, MergeError) else f"{type(err).__name__}: {err}")
+
+
+def inputs_leased(request: MergeRequest):
+    """Reader leases on the inputs for the block: their run's retention leaves them alone meanwhile
+    (a DeepSpeed tag's lease is its global step's, in its root; a tag of another name gets none)."""
+    deepspeed = request.inputs[-1].format == ds.FORMAT
+    return readers.reading([i.path for i in request.inputs], ds.step_of if deepspeed else layout.iteration_of)
 
 
 @contextmanager

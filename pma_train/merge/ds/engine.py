@@ -50,6 +50,7 @@ from pma_train.merge.publish import (
     claimed_output,
     describe,
     fail_together,
+    inputs_leased,
     publish,
 )
 from pma_train.rss import PeakRss
@@ -57,6 +58,11 @@ from pma_train.rss import PeakRss
 
 def run_ds_merge(request: MergeRequest) -> MergeSummary:
     """Merge DeepSpeed inputs on every rank of the default process group; returns the summary."""
+    with inputs_leased(request):
+        return _run_ds_merge(request)
+
+
+def _run_ds_merge(request: MergeRequest) -> MergeSummary:
     if len(request.weights) != len(request.inputs):
         raise MergeError(f"{len(request.weights)} weights for {len(request.inputs)} inputs")
     if request.output_dtype != "input":

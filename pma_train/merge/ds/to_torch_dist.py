@@ -33,7 +33,7 @@ from pma_train.merge.ds.params import DsParam, locate
 from pma_train.merge.ds.plan import READ_BLOCK_BYTES, DsPlan, DsPlanError, plan
 from pma_train.merge.engine import DTYPES, PROVENANCE, package_version
 from pma_train.merge.plan import Piece, assign
-from pma_train.merge.publish import MergeError, MergeRequest, MergeSummary, claimed_output, describe, publish
+from pma_train.merge.publish import MergeError, MergeRequest, MergeSummary, claimed_output, describe, inputs_leased, publish
 from pma_train.rss import PeakRss
 
 COMMON_STATE_KEY = "common_state/shard_0_1"  # megatron-core's ShardedObject("common_state", ...) entry
@@ -42,6 +42,11 @@ _METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
 def run_ds_to_torch_dist(request: MergeRequest) -> MergeSummary:
     """Merge DeepSpeed inputs into a torch_dist checkpoint on every rank of the default process group."""
+    with inputs_leased(request):
+        return _run(request)
+
+
+def _run(request: MergeRequest) -> MergeSummary:
     if len(request.weights) != len(request.inputs):
         raise MergeError(f"{len(request.weights)} weights for {len(request.inputs)} inputs")
     if request.carry_optimizer:
