@@ -303,3 +303,88 @@ def test_output_format_torch_dist_refuses_a_model_that_is_not_pma_trains(runs, t
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "parameter '0.weight' is not a parameter of pma-train's model" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+def test_param_shapes_that_disagree_with_the_partitions_are_named_before_the_output_exists(runs, tmp_path):
+    """A corrupt shape in every input alike (no input differs from the newest): its element count
+    against the partition files, before anything is written."""
+    root = tmp_path / "corrupt"
+    for tag in STEP_TAGS:  # the last parameter one element short: within the group's recorded padding of 1
+        _edit_param_shapes(_copy(runs / "z2_bf16" / tag, root / tag) / "mp_rank_00_model_states.pt",
+                           lambda shapes: shapes.update({"4.bias": torch.Size([2])}))
+    (root / "latest").write_text(STEP_TAGS[-1])
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"root={root}", "n=3", "v_iterations=1",
+                           f"output={out}", "progress_bar=false"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"{root / 'global_step1' / 'mp_rank_00_model_states.pt'}: param_shapes of group 0 hold 842 elements, its 2 "
+            "partition files (bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt, ...) 422 + 421 with the group_paddings "
+            "[0, 1] they record: param_shapes and partitions disagree") in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
+    # ZeRO-3 (one part of every parameter per rank file): the rank file that disagrees is named
+    z3 = _copy(runs / "z3_fp32" / "global_step1", tmp_path / "z3" / "global_step1")
+    _edit_param_shapes(z3 / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                       lambda shapes: shapes.update({"2.bias": torch.Size([2])}))
+    with pytest.raises(DsPlanError, match=r"do not hold 411 elements.*zero_pp_rank_0_mp_rank_00_optim_states.pt holds 422"):
+        plan([z3])
+
+
+def test_a_deepspeed_merge_that_cannot_fit_its_output_is_refused_before_writing(runs, tmp_path):
+    from tests.test_exclusive import temporaries, tmpfs
+
+    inputs = ",".join(str(runs / "z2_bf16" / tag) for tag in STEP_TAGS)  # its output: 27 KiB, the newest's files
+    with tmpfs(tmp_path / "fs", "16k") as out:
+        args = [sys.executable, "-m", "pma_train.cli.merge", f"inputs=[{inputs}]", f"output={out}", "progress_bar=false"]
+        refused = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1, refused.stderr[-3000:]
+        assert f"output: {out} has " in refused.stderr and "(the newest input's files, rewritten); nothing was " \
+            "written" in refused.stderr, refused.stderr[-3000:]
+        assert not (out / "global_step3").exists() and temporaries(out) == []
+        # check_free_space=false: past the check, into the full disk (named, the partial output removed)
+        unchecked = subprocess.run(args + ["check_free_space=false"], cwd=REPO, env=_env(), capture_output=True,
+                                   text=True, timeout=300)
+        assert unchecked.returncode == 1 and "disk full" in unchecked.stderr, unchecked.stderr[-3000:]
+        assert not (out / "global_step3").exists() and temporaries(out) == []
+
+
+LEASE_HOLDER = """
+import sys
+from pma_train.merge.ds.archive import Archive
+read = Archive.read
+def paused(self, *args, **kwargs):  # the merge's first read of a partition: wait for the test
+    Archive.read = read
+    print("reading", flush=True)
+    sys.stdin.readline()
+    return read(self, *args, **kwargs)
+Archive.read = paused
+from pma_train.cli.merge import main
+main()
+"""
+
+
+def test_a_deepspeed_merge_holds_reader_leases_on_its_inputs(runs, tmp_path):
+    """While the merge reads, retention of the inputs' root (in another process) may delete none of them."""
+    from pma_train.checkpoint import readers
+
+    root = tmp_path / "ds"
+    for tag in STEP_TAGS:
+        _copy(runs / "z2_bf16" / tag, root / tag)
+    (root / "latest").write_text(STEP_TAGS[-1])
+    merge = subprocess.Popen([sys.executable, "-c", LEASE_HOLDER, f"root={root}", "n=3", "v_iterations=1",
+                              f"output={tmp_path / 'out'}", "progress_bar=false"], cwd=REPO, env=_env(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while (line := merge.stdout.readline()) and line.strip() != "reading":
+            pass
+        assert line.strip() == "reading", merge.communicate(timeout=60)[1][-3000:]
+        for step in range(1, ds_driver.STEPS + 1):
+            with readers.deleting(root, step) as free:
+                assert not free, step
+    finally:
+        _, err = merge.communicate("\n", timeout=300)
+    assert merge.returncode == 0, err[-3000:]
+    assert (tmp_path / "out" / "global_step3" / "pma_merge.json").is_file()
+    for step in range(1, ds_driver.STEPS + 1):  # released with the merge
+        with readers.deleting(root, step) as free:
+            assert free, step

@@ -103,6 +103,20 @@ def test_what_the_conversion_cannot_write_is_refused_before_it_starts(run, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_conversion_that_cannot_fit_its_output_is_refused_before_writing(run, tmp_path):
+    from tests.test_exclusive import temporaries, tmpfs
+
+    with tmpfs(tmp_path / "fs", "64k") as out:
+        proc = subprocess.run([sys.executable, "-m", "pma_train.cli.merge", f"inputs=[{run / 'ds' / 'global_step3'}]",
+                               "output_format=torch_dist", f"output={out}", "progress_bar=false"], cwd=REPO,
+                              env={**test_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert f"output: {out} has " in proc.stderr and "(the converted tensors' bytes); nothing was written" \
+            in proc.stderr, proc.stderr[-3000:]
+        assert not (out / "iter_0000003").exists() and temporaries(out) == []
+
+
 def test_each_rank_holds_one_row_block_of_the_budget(run):
     """The work is row blocks of the parameters, tiling each one, each (its fp64 accumulator and fp32
     output) within memory_budget_mb less the 4 MiB read block and its buffer: no rank holds a whole tensor of the model

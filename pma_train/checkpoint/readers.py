@@ -26,7 +26,7 @@ import threading
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from pma_train.checkpoint import layout
 
@@ -58,11 +58,13 @@ def _fd(root: Path, create: bool) -> int | None:
 
 
 @contextmanager
-def reading(checkpoints: Iterable[str | Path]) -> Iterator[None]:
-    """Hold a lease on each iter_* directory in `checkpoints` (others, e.g. exports, are left as they are)."""
+def reading(checkpoints: Iterable[str | Path],
+            iteration_of: Callable[[Path], int | None] = layout.iteration_of) -> Iterator[None]:
+    """Hold a lease on each iter_* directory in `checkpoints` (others, e.g. exports, are left as they are);
+    `iteration_of` reads the iteration from another layout's names (a DeepSpeed tag's global step)."""
     keys = []
     for ckpt in checkpoints:
-        iteration = layout.iteration_of(ckpt)
+        iteration = iteration_of(Path(ckpt))
         if iteration is not None:
             keys.append((Path(ckpt).resolve().parent, iteration))
     taken = []

@@ -84,7 +84,7 @@ def _run(node: DictConfig) -> None:
     import torch.distributed as dist
 
     from pma_train.checkpoint.lock import LockError
-    from pma_train.merge.engine import MergeError, MergeRequest
+    from pma_train.merge.publish import MergeError, MergeRequest
     from pma_train.parallel import init_process_group
 
     if inputs[0].format == "deepspeed" and cfg.output_format == "torch_dist":

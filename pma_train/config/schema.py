@@ -423,7 +423,8 @@ class MergeConfig(MergeWeighting):
     # One merge writes `output` at a time (lock file <output>/.pma-lock); take over a lock another
     # host left behind (that host's merge must no longer run: this host cannot check).
     force_unlock: bool = False
-    # Refuse before reading anything when the output's file system lacks room for the merged tensors.
+    # Refuse before reading anything when the output's file system lacks room for the merged tensors
+    # (a DeepSpeed output: the newest input's files it rewrites).
     check_free_space: bool = True
     # Per-rank memory for merge buffers; pieces of tensors are sized to fit.
     memory_budget_mb: int = 256

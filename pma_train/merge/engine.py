@@ -14,16 +14,14 @@ import math
 import pickle
 import shutil
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import integrity, layout, readers, sidecar, space
+from pma_train.checkpoint import integrity, layout, sidecar
 from pma_train.checkpoint.layout import is_optimizer_key
-from pma_train.checkpoint.lock import RootLock, acquire_on_rank0
 from pma_train.merge.dcp_io import (
     CheckpointIndex,
     ChunkReader,
@@ -33,50 +31,20 @@ from pma_train.merge.dcp_io import (
     itemsize,
 )
 from pma_train.merge.plan import Piece, PlanError, assign, check_compatible, plan_pieces
-from pma_train.merge.select import CheckpointInfo
+from pma_train.merge.publish import (
+    MergeError,
+    MergeRequest,
+    MergeSummary,
+    claimed_output,
+    describe,
+    inputs_leased,
+    publish,
+)
 from pma_train.merge.sources import Source, plan_sources
 from pma_train.rss import PeakRss
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVENANCE = layout.MERGE_PROVENANCE
-TMP_PREFIX = layout.TMP_PREFIX + "merge-"
-
-
-class MergeError(RuntimeError):
-    pass
-
-
-@dataclass
-class MergeRequest:
-    inputs: list[CheckpointInfo]  # oldest first
-    weights: list[float]
-    output_root: Path
-    method: str = "explicit"
-    alpha: float | None = None
-    decay_shape: str | None = None
-    budget_bytes: int = 256 * 2**20
-    accumulate: str = "fp32"
-    output_dtype: str = "input"
-    carry_optimizer: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    force_unlock: bool = False  # take over a lock another host left on output_root
-    check_free_space: bool = True
-
-
-@dataclass
-class MergeSummary:
-    output: str
-    iteration: int
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    read_gbps: float
-    peak_rss_bytes: int  # busiest rank, whole process
-    peak_rss_above_start_bytes: int  # busiest rank, growth during the merge
-    ranks: int
-    pieces: int
-    per_rank: list[dict] = field(default_factory=list)
 
 
 def _intersect(a_off, a_size, b_off, b_size):
@@ -192,7 +160,7 @@ def _prepare(request: MergeRequest) -> tuple[list[CheckpointIndex], list[str], d
 
 def run_merge(request: MergeRequest) -> MergeSummary:
     """Merge on every rank of the default process group (gloo is enough); returns the summary."""
-    with readers.reading([c.path for c in request.inputs]):  # their run's retention waits for this merge
+    with inputs_leased(request):
         return _run_merge(request)
 
 
@@ -203,51 +171,15 @@ def _run_merge(request: MergeRequest) -> MergeSummary:
     pieces = plan_pieces(indexes, keys, request.budget_bytes, accumulate, out_dtype,
                          {k: s.keys for k, s in sources.items()})
     mine = assign(pieces, world)[rank]
-    lock = _claim_output(request, sum(math.prod(p.sizes) * out_dtype[p.key].itemsize for p in pieces))
-    try:
-        return _merge_locked(request, indexes, keys, out_dtype, sources, accumulate, pieces, mine)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _claim_output(request: MergeRequest, output_bytes: int) -> RootLock | None:
-    """Rank 0 locks the output root (every rank fails alike if it cannot), then, as its only writer,
-    removes whatever killed merges or jobs left there, whichever checkpoint they were writing, and
-    checks that the output fits on its file system."""
-    lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
     final = request.output_root / layout.iter_dir_name(request.inputs[-1].iteration)
-    refusal = [None]
-    if lock is not None:
-        if final.exists() and not request.overwrite:  # published by another merge since _prepare
-            refusal = [f"output: {final} exists (pass overwrite=true to replace it)"]
-        else:
-            layout.remove_stale_temporaries(request.output_root)
-            try:
-                if request.check_free_space:
-                    space.check_room(request.output_root, int(output_bytes * space.HEADROOM), "the merged tensors' bytes",
-                                     field="output", skip="check_free_space=false skips this check")
-            except space.DiskFullError as err:
-                refusal = [str(err)]
-    dist.broadcast_object_list(refusal, src=0)
-    if refusal[0] is not None:
-        if lock is not None:
-            lock.release()
-        raise MergeError(refusal[0])
-    return lock
+    output_bytes = sum(math.prod(p.sizes) * out_dtype[p.key].itemsize for p in pieces)
+    with claimed_output(request, final, output_bytes, "the merged tensors' bytes") as tmp:
+        return _merge_into(request, indexes, keys, out_dtype, sources, accumulate, pieces, mine, final, tmp)
 
 
-def _merge_locked(request: MergeRequest, indexes, keys, out_dtype, sources, accumulate, pieces,
-                  mine) -> MergeSummary:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    token = [uuid.uuid4().hex[:8] if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    newest = request.inputs[-1]
-    tmp = request.output_root / f"{TMP_PREFIX}{layout.iter_dir_name(newest.iteration)}.{token[0]}"
-    if rank == 0:
-        tmp.mkdir(parents=True)
-    dist.barrier()
-
+def _merge_into(request: MergeRequest, indexes, keys, out_dtype, sources, accumulate, pieces, mine, final: Path,
+                tmp: Path) -> MergeSummary:
+    rank = dist.get_rank()
     reader, writer = ChunkReader(), ChunkWriter(tmp, f"__{rank}_0.distcp")
     progress = _Progress(sum(p.nbytes for p in mine) * len(indexes), request.progress and rank == 0)
     error = None
@@ -259,46 +191,17 @@ def _merge_locked(request: MergeRequest, indexes, keys, out_dtype, sources, accu
                                                                            out_dtype[piece.key], progress,
                                                                            sources[piece.key]))
             writer.close()
-    except Exception as err:  # reported collectively below, so no rank hangs in a barrier
-        error = space.disk_full_message(err, tmp, request.output_root) or (
-            f"{type(err).__name__}: {err}" if not isinstance(err, MergeError) else str(err))
+    except Exception as err:  # reported collectively by publish(), so no rank hangs in a barrier
+        error = describe(err, tmp, request.output_root)
         rss = None
     finally:
         progress.close()
         reader.close()
-    seconds = time.perf_counter() - start
     report = {"rank": rank, "error": error, "tensors": writer.tensors, "bytes_read": reader.bytes_read,
-              "bytes_written": writer.bytes_written, "seconds": seconds, "pieces": len(mine),
+              "bytes_written": writer.bytes_written, "seconds": time.perf_counter() - start, "pieces": len(mine),
               "peak_rss": rss.peak if rss else 0, "rss_growth": (rss.peak - rss.start) if rss else 0}
-    reports = [None] * world
-    dist.all_gather_object(reports, report)
-    errors = [r["error"] for r in reports if r["error"]]
-    if errors:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        raise MergeError(errors[0])
-
-    summary = MergeSummary(
-        output=str(request.output_root / layout.iter_dir_name(newest.iteration)), iteration=newest.iteration,
-        bytes_read=sum(r["bytes_read"] for r in reports), bytes_written=sum(r["bytes_written"] for r in reports),
-        seconds=max(r["seconds"] for r in reports), read_gbps=0.0,
-        peak_rss_bytes=max(r["peak_rss"] for r in reports), peak_rss_above_start_bytes=max(r["rss_growth"] for r in reports),
-        ranks=world, pieces=len(pieces),
-        per_rank=[{k: r[k] for k in ("rank", "bytes_read", "seconds", "pieces", "peak_rss", "rss_growth")} for r in reports])
-    summary.read_gbps = summary.bytes_read / max(summary.seconds, 1e-9) / 1e9
-    failure = [None]
-    if rank == 0:
-        try:
-            _finish(request, indexes, keys, out_dtype, tmp, [t for r in reports for t in r["tensors"]], summary)
-        except Exception as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            failure = [space.disk_full_message(err, tmp, request.output_root) or f"{type(err).__name__}: {err}"]
-    # A broadcast, not a barrier: the other ranks learn of a failure on rank 0 instead of waiting.
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise MergeError(failure[0])
-    return summary
+    return publish(request, report, final, tmp, len(pieces), lambda summary, reports: _finish(
+        request, indexes, keys, out_dtype, tmp, [t for r in reports for t in r["tensors"]], summary))
 
 
 _STRIP_BYTES = 4 * 2**20

@@ -33,7 +33,8 @@ def job_config(overrides: list[str]):
 def merge_job(job: dict, scratch: Path) -> tuple[Path, dict]:
     """Merge one selection; returns (checkpoint root to evaluate, what was merged)."""
     from pma_train.merge import merge_weights, select_spaced
-    from pma_train.merge.engine import MergeRequest, run_merge
+    from pma_train.merge.engine import run_merge
+    from pma_train.merge.publish import MergeRequest
 
     inputs = select_spaced(job["root"], job["n"], v_tokens=job["v_tokens"], end_iteration=job["end_iteration"])
     weights = merge_weights(job["method"], len(inputs), job.get("alpha", 0.2),

@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pma_train.checkpoint import integrity, layout, space
-from pma_train.checkpoint.lock import acquire_on_rank0
+from pma_train.checkpoint import integrity, layout
 from pma_train.merge.ds.archive import Archive, import_deepspeed, load_objects
 from pma_train.merge.ds.layout import LATEST, read_latest, step_of
 from pma_train.merge.ds.pipe import LayerUnit, write_layer_file
 from pma_train.merge.ds.plan import (
     READ_BLOCK_BYTES,
+    DsPlan,
     DsPlanError,
     Fragment,
     ModelUnit,
@@ -41,13 +41,28 @@ from pma_train.merge.ds.plan import (
     plan,
     unit_bytes,
 )
-from pma_train.merge.engine import DTYPES, PROVENANCE, TMP_PREFIX, MergeError, MergeRequest, MergeSummary, package_version
+from pma_train.merge.engine import DTYPES, PROVENANCE, package_version
 from pma_train.merge.plan import Piece, assign
+from pma_train.merge.publish import (
+    MergeError,
+    MergeRequest,
+    MergeSummary,
+    claimed_output,
+    describe,
+    fail_together,
+    inputs_leased,
+    publish,
+)
 from pma_train.rss import PeakRss
 
 
 def run_ds_merge(request: MergeRequest) -> MergeSummary:
     """Merge DeepSpeed inputs on every rank of the default process group; returns the summary."""
+    with inputs_leased(request):
+        return _run_ds_merge(request)
+
+
+def _run_ds_merge(request: MergeRequest) -> MergeSummary:
     if len(request.weights) != len(request.inputs):
         raise MergeError(f"{len(request.weights)} weights for {len(request.inputs)} inputs")
     if request.output_dtype != "input":
@@ -67,45 +82,28 @@ def run_ds_merge(request: MergeRequest) -> MergeSummary:
     except DsPlanError as err:
         raise MergeError(str(err)) from None
     import_deepspeed()  # before the merge's memory is measured
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = _share(ds_plan.units, accumulate, world)[rank]
-    lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
-    try:
-        token = [uuid.uuid4().hex[:8] if rank == 0 else None]
-        if rank == 0:
-            layout.remove_stale_temporaries(request.output_root)
-        dist.broadcast_object_list(token, src=0)
-        tmp = request.output_root / f"{TMP_PREFIX}{tag}.{token[0]}"
-        if rank == 0:
-            tmp.mkdir(parents=True)
-        dist.barrier()
+    mine = _share(ds_plan.units, accumulate, dist.get_world_size())[dist.get_rank()]
+    with claimed_output(request, final, _output_bytes(ds_plan), "the newest input's files, rewritten") as tmp:
         return _merge_into(request, ds_plan, mine, accumulate, tmp, final)
-    finally:
-        if lock is not None:
-            lock.release()
+
+
+def _output_files(ds_plan: DsPlan) -> list[str]:
+    """The files of the output: the newest input's partition and model-states (or layer) files."""
+    newest = ds_plan.checkpoints[-1]
+    model = [u.name for u in ds_plan.model_units + ds_plan.layer_units] if ds_plan.model_units else \
+        list(newest.model_files.values())  # ZeRO-3's, copied
+    return [u.name for u in ds_plan.units] + model
+
+
+def _output_bytes(ds_plan: DsPlan) -> int:
+    """What the output will hold: its files are the newest input's, rewritten with the same tensors."""
+    return sum((ds_plan.checkpoints[-1].path / name).stat().st_size for name in _output_files(ds_plan))
 
 
 def _share(units: list[PartitionUnit], accumulate: torch.dtype, world: int) -> list[list[PartitionUnit]]:
     by_name = {u.name: u for u in units}
     pieces = [Piece(u.name, (), (), unit_bytes(u, accumulate)) for u in units]
     return [[by_name[p.key] for p in share] for share in assign(pieces, world)]
-
-
-def _collective(error: str | None, tmp: Path, request: MergeRequest) -> None:
-    """Every rank learns of any rank's failure; the temporary output is dropped."""
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    failed = [e for e in errors if e]
-    if failed:
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        raise MergeError(failed[0])
-
-
-def _describe(err: Exception, tmp: Path, request: MergeRequest) -> str:
-    return space.disk_full_message(err, tmp, request.output_root) or (
-        str(err) if isinstance(err, MergeError) else f"{type(err).__name__}: {err}")
 
 
 def _merge_into(request: MergeRequest, ds_plan, mine, accumulate, tmp: Path, final: Path) -> MergeSummary:
@@ -117,8 +115,8 @@ def _merge_into(request: MergeRequest, ds_plan, mine, accumulate, tmp: Path, fin
                 bytes_read += _merge_unit(request, unit, accumulate, tmp, verified)
                 written.append(integrity.digest_file(tmp / unit.name))
         except Exception as err:  # reported collectively: no rank hangs in a barrier
-            error = _describe(err, tmp, request)
-        _collective(error, tmp, request)
+            error = describe(err, tmp, request.output_root)
+        fail_together(error, tmp)
         try:
             for k, model_unit in enumerate(ds_plan.model_units + ds_plan.layer_units):
                 if k % world == rank:
@@ -129,34 +127,14 @@ def _merge_into(request: MergeRequest, ds_plan, mine, accumulate, tmp: Path, fin
                     shutil.copy2(ds_plan.checkpoints[-1].path / name, tmp / name)
                     written.append(integrity.digest_file(tmp / name))
         except Exception as err:
-            error = _describe(err, tmp, request)
-        _collective(error, tmp, request)
-    seconds = time.perf_counter() - start
-    report = {"rank": rank, "files": written, "bytes_read": bytes_read, "seconds": seconds, "pieces": len(mine),
-              "peak_rss": rss.peak, "rss_growth": rss.peak - rss.start}
-    reports = [None] * world
-    dist.all_gather_object(reports, report)
-    newest = request.inputs[-1]
-    summary = MergeSummary(
-        output=str(final), iteration=newest.iteration, bytes_read=sum(r["bytes_read"] for r in reports),
-        bytes_written=sum(e.length for r in reports for e in r["files"]), seconds=max(r["seconds"] for r in reports),
-        read_gbps=0.0, peak_rss_bytes=max(r["peak_rss"] for r in reports),
-        peak_rss_above_start_bytes=max(r["rss_growth"] for r in reports), ranks=world,
-        pieces=len(ds_plan.units) + len(ds_plan.model_units) + len(ds_plan.layer_units),
-        per_rank=[{k: r[k] for k in ("rank", "bytes_read", "seconds", "pieces", "peak_rss", "rss_growth")}
-                  for r in reports])
-    summary.read_gbps = summary.bytes_read / max(summary.seconds, 1e-9) / 1e9
-    failure = [None]
-    if rank == 0:
-        try:
-            _finish(request, ds_plan, tmp, final, [e for r in reports for e in r["files"]], summary)
-        except Exception as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            failure = [_describe(err, tmp, request)]
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise MergeError(failure[0])
-    return summary
+            error = describe(err, tmp, request.output_root)
+        fail_together(error, tmp)
+    report = {"rank": rank, "error": None, "files": written, "bytes_read": bytes_read,
+              "bytes_written": sum(e.length for e in written), "seconds": time.perf_counter() - start,
+              "pieces": len(mine), "peak_rss": rss.peak, "rss_growth": rss.peak - rss.start}
+    pieces = len(ds_plan.units) + len(ds_plan.model_units) + len(ds_plan.layer_units)
+    return publish(request, report, final, tmp, pieces, lambda summary, reports: _finish(
+        request, ds_plan, tmp, final, [e for r in reports for e in r["files"]], summary))
 
 
 def _verify_recorded(archive: Archive) -> None:

@@ -131,10 +131,11 @@ def _zero12_fragments(c: DsCheckpoint, mp: int, groups: list[dict], optims: dict
         bounds = [0]
         for p in parts:
             bounds.append(bounds[-1] + p[g].numel)
-        pos = 0
-        if sum(_numel(s) for s in group.values()) > bounds[-1]:
+        pos, total = 0, sum(_numel(s) for s in group.values())
+        if total > bounds[-1]:
             raise DsPlanError(f"{c.path}: group {g}'s parameters hold more elements than its {c.dp_size} "
                               f"partitions ({bounds[-1]}): param_shapes and partitions disagree")
+        _check_zero12_count(c, mp, g, total, [optims[(mp, dp)] for dp in range(c.dp_size)])
         for name, shape in group.items():
             n, at, frags = _numel(shape), pos, []
             while at < pos + n:
@@ -144,6 +145,37 @@ def _zero12_fragments(c: DsCheckpoint, mp: int, groups: list[dict], optims: dict
                 at = stop
             out[(mp, name)], pos = frags, pos + n
     return out
+
+
+def _check_zero12_count(c: DsCheckpoint, mp: int, g: int, total: int, files: list[Archive]) -> None:
+    """The recorded parameter shapes of group g hold as many elements as its partitions, less the
+    padding the rank files record where they hold it. DeepSpeed cuts a padded flat buffer into equal
+    partitions; its ZeRO 1 / 2 optimizer saves them without the padding (each rank's size plus its
+    padding equal), its bf16 optimizer with it (sizes equal). Without recorded paddings, DeepSpeed's
+    own rule: equal once both are rounded up to 2 x DP. Else a shape is corrupt, and every parameter
+    after it would be read from the wrong place."""
+    states = [f.objects["optimizer_state_dict"] for f in files]
+    for f, state in zip(files, states):
+        aligned = (state.get("param_alignment_paddings") or [[]] * (g + 1))[g]
+        if any(aligned):
+            raise DsPlanError(f"{f.path}: parameters of group {g} are padded for alignment (param_alignment_paddings "
+                              f"{list(aligned)[:6]}, zero_optimization.parameter_alignment): a layout this merge "
+                              "does not read (parameters back to back)")
+    sizes = [fp32_partitions(f)[1][g].numel for f in files]
+    paddings = [state.get("group_paddings") for state in states]
+    if all(isinstance(p, list) and g < len(p) for p in paddings):
+        pads = [p[g] for p in paddings]
+        held = {sum(sizes)} if len({n + p for n, p in zip(sizes, pads)}) == 1 else set()
+        held |= {sum(sizes) - sum(pads)} if len(set(sizes)) == 1 else set()
+        found = f"{' + '.join(map(str, sizes))} with the group_paddings {pads} they record"
+    else:
+        align = 2 * c.dp_size
+        held, total = {-(-sum(sizes) // align) * align}, -(-total // align) * align
+        found = f"{sum(sizes)} (rounded up to {align}: {min(held)}; the shapes' {total})"
+    if total not in held:
+        raise DsPlanError(f"{c.path / c.model_file(mp)}: param_shapes of group {g} hold {total} elements, its "
+                          f"{c.dp_size} partition files ({files[0].path.name}, ...) {found}: param_shapes and "
+                          "partitions disagree (a corrupt or edited file)")
 
 
 def _zero3_fragments(c: DsCheckpoint, mp: int, groups: list[dict], optims: dict) -> dict:
@@ -158,9 +190,12 @@ def _zero3_fragments(c: DsCheckpoint, mp: int, groups: list[dict], optims: dict)
             out[(mp, name)] = [Fragment(optims[(mp, dp)], parts[dp][g], offset, dp * part, min(n, (dp + 1) * part) - dp * part)
                                for dp in range(c.dp_size) if dp * part < n]
             offset += part
-        if any(g >= len(p) or p[g].numel != offset for p in parts):
+        bad = next((dp for dp, p in enumerate(parts) if g >= len(p) or p[g].numel != offset), None)
+        if bad is not None:
             raise DsPlanError(f"{c.path}: the ZeRO-3 fp32 partitions of group {g} do not hold {offset} elements, "
-                              "one part of each of its parameters: param_shapes and partitions disagree")
+                              f"one part of each of its parameters ({optims[(mp, bad)].path.name} holds "
+                              f"{parts[bad][g].numel if g < len(parts[bad]) else 0}; {c.model_file(mp)} records the "
+                              "shapes): param_shapes and partitions disagree")
     return out
 
 

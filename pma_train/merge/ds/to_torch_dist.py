@@ -17,9 +17,7 @@ import io
 import json
 import math
 import pickle
-import shutil
 import time
-import uuid
 from argparse import Namespace
 from dataclasses import asdict
 from pathlib import Path
@@ -28,14 +26,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata
 
-from pma_train.checkpoint import integrity, layout, space
-from pma_train.checkpoint.lock import acquire_on_rank0
+from pma_train.checkpoint import integrity, layout
 from pma_train.merge.dcp_io import ChunkWriter, assemble_metadata
 from pma_train.merge.ds.archive import Archive
 from pma_train.merge.ds.params import DsParam, locate
 from pma_train.merge.ds.plan import READ_BLOCK_BYTES, DsPlan, DsPlanError, plan
-from pma_train.merge.engine import DTYPES, PROVENANCE, TMP_PREFIX, MergeError, MergeRequest, MergeSummary, package_version
+from pma_train.merge.engine import DTYPES, PROVENANCE, package_version
 from pma_train.merge.plan import Piece, assign
+from pma_train.merge.publish import MergeError, MergeRequest, MergeSummary, claimed_output, describe, inputs_leased, publish
 from pma_train.rss import PeakRss
 
 COMMON_STATE_KEY = "common_state/shard_0_1"  # megatron-core's ShardedObject("common_state", ...) entry
@@ -44,6 +42,11 @@ _METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
 
 def run_ds_to_torch_dist(request: MergeRequest) -> MergeSummary:
     """Merge DeepSpeed inputs into a torch_dist checkpoint on every rank of the default process group."""
+    with inputs_leased(request):
+        return _run(request)
+
+
+def _run(request: MergeRequest) -> MergeSummary:
     if len(request.weights) != len(request.inputs):
         raise MergeError(f"{len(request.weights)} weights for {len(request.inputs)} inputs")
     if request.carry_optimizer:
@@ -69,21 +72,10 @@ def run_ds_to_torch_dist(request: MergeRequest) -> MergeSummary:
     pieces = conversion_pieces(params, accumulate, out_dtype, request.budget_bytes)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = assign(pieces, world)[rank]
-    lock = acquire_on_rank0(request.output_root, request.force_unlock, "force_unlock=true", "pma-merge")
-    try:
-        token = [uuid.uuid4().hex[:8] if rank == 0 else None]
-        if rank == 0:
-            layout.remove_stale_temporaries(request.output_root)
-        dist.broadcast_object_list(token, src=0)
-        tmp = request.output_root / f"{TMP_PREFIX}{layout.iter_dir_name(iteration)}.{token[0]}"
-        if rank == 0:
-            tmp.mkdir(parents=True)
-        dist.barrier()
+    output_bytes = sum(math.prod(p.sizes) for p in pieces) * _itemsize(out_dtype)
+    with claimed_output(request, final, output_bytes, "the converted tensors' bytes") as tmp:
         return _convert(request, ds_plan, {(p.key, p.prefix): p for p in params}, mine, len(pieces), accumulate,
-                        out_dtype, tmp)
-    finally:
-        if lock is not None:
-            lock.release()
+                        out_dtype, tmp, final)
 
 
 def conversion_pieces(params: list[DsParam], accumulate: torch.dtype, out_dtype: torch.dtype, budget: int) -> list[Piece]:
@@ -149,8 +141,8 @@ def _of(by_key: dict, piece: Piece) -> DsParam:
 
 
 def _convert(request, ds_plan, by_key: dict[tuple, DsParam], mine: list[Piece], n_pieces: int, accumulate, out_dtype,
-             tmp: Path) -> MergeSummary:
-    rank, world = dist.get_rank(), dist.get_world_size()
+             tmp: Path, final: Path) -> MergeSummary:
+    rank = dist.get_rank()
     writer, error, read, start = None, None, 0, time.perf_counter()
     with PeakRss() as rss:
         try:
@@ -161,8 +153,7 @@ def _convert(request, ds_plan, by_key: dict[tuple, DsParam], mine: list[Piece], 
                 writer.write_tensor(piece.key, piece.offsets, merged.to(out_dtype))
             writer.close()
         except Exception as err:  # reported collectively: no rank hangs
-            error = space.disk_full_message(err, tmp, request.output_root) or (
-                str(err) if isinstance(err, MergeError) else f"{type(err).__name__}: {err}")
+            error = describe(err, tmp, request.output_root)
         finally:
             for view in ds_plan.units[0].views if ds_plan.units else []:  # a read left its file open
                 for archive in {id(f.archive): f.archive for frags in view.fragments.values() for f in frags}.values():
@@ -170,34 +161,8 @@ def _convert(request, ds_plan, by_key: dict[tuple, DsParam], mine: list[Piece], 
     report = {"error": error, "tensors": writer.tensors if writer else [], "bytes_read": read,
               "bytes_written": writer.bytes_written if writer else 0, "seconds": time.perf_counter() - start,
               "peak_rss": rss.peak, "rss_growth": rss.peak - rss.start, "pieces": len(mine), "rank": rank}
-    reports = [None] * world
-    dist.all_gather_object(reports, report)
-    failed = [r["error"] for r in reports if r["error"]]
-    if failed:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        raise MergeError(failed[0])
-    newest = request.inputs[-1]
-    summary = MergeSummary(
-        output=str(request.output_root / layout.iter_dir_name(newest.iteration)), iteration=newest.iteration,
-        bytes_read=sum(r["bytes_read"] for r in reports), bytes_written=sum(r["bytes_written"] for r in reports),
-        seconds=max(r["seconds"] for r in reports), read_gbps=0.0, peak_rss_bytes=max(r["peak_rss"] for r in reports),
-        peak_rss_above_start_bytes=max(r["rss_growth"] for r in reports), ranks=world, pieces=n_pieces,
-        per_rank=[{k: r[k] for k in ("rank", "bytes_read", "seconds", "pieces", "peak_rss", "rss_growth")}
-                  for r in reports])
-    summary.read_gbps = summary.bytes_read / max(summary.seconds, 1e-9) / 1e9
-    failure = [None]
-    if rank == 0:
-        try:
-            _finish(request, ds_plan, by_key, out_dtype, tmp, [t for r in reports for t in r["tensors"]], summary)
-        except Exception as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            failure = [space.disk_full_message(err, tmp, request.output_root) or f"{type(err).__name__}: {err}"]
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise MergeError(failure[0])
-    return summary
+    return publish(request, report, final, tmp, n_pieces, lambda summary, reports: _finish(
+        request, ds_plan, by_key, out_dtype, tmp, [t for r in reports for t in r["tensors"]], summary))
 
 
 def _run_state(request: MergeRequest, ds_plan: DsPlan, by_key: dict[str, DsParam]) -> tuple[dict, dict]:
