@@ -10,7 +10,8 @@
     check:     the merge loaded the way checkpoint.init_from loads it equals that model, tensor for tensor;
                loaded under TP=2, it equals the reference's checkpoint loaded under TP=2;
     moe:       the same for tiny_moe (experts stacked under one key) under ZeRO-1 fp32, one input; its
-               parameter names map onto exactly the keys of its sharded state dict.
+               parameter names map onto exactly the keys of its sharded state dict;
+    foreign:   a DeepSpeed checkpoint of a model that is not pma-train's (<dir>/foreign).
 """
 
 from __future__ import annotations
@@ -155,6 +156,17 @@ def moe(out: Path, cfg, platform) -> dict:
             "differ": [n for n, p in loaded.named_parameters() if not torch.equal(p, expected[n])][:3]}
 
 
+def foreign(out: Path) -> None:
+    """A DeepSpeed checkpoint of a model that is not pma-train's (ZeRO-1 fp32, untrained): <dir>/foreign."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    engine, *_ = deepspeed.initialize(model=torch.nn.Sequential(torch.nn.Linear(8, 8)), config={
+        "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9, "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}})
+    engine.save_checkpoint(str(out / "foreign"), tag="global_step1")
+
+
 def main() -> None:
     import deepspeed
 
@@ -172,6 +184,7 @@ def main() -> None:
     convert(out)
     results = reference(out, cfg, platform, tokens)
     results["moe"] = moe(out, _config(), platform)
+    foreign(out)
     results["tp2_differ"] = under_tp2(out, platform)  # last: megatron-core's groups are TP=2 from here
     if torch.distributed.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results))
