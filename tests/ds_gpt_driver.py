@@ -6,7 +6,8 @@
     convert:   pma-merge's engine merges them (WEIGHTS, fp64) into <dir>/merged as torch_dist, on this world;
     reference: DeepSpeed's own fp32 reconstruction of each input, weighted in fp64 and loaded into a plain
                fp32 model, saved by pma-train's save_checkpoint (<dir>/reference) and its logits of the
-               tokens written (<dir>/reference_logits.pt);
+               tokens written (<dir>/reference_logits.pt); the newest input's alone, saved the same way
+               (<dir>/newest: what init_from / pma-export of the DeepSpeed root must read);
     check:     the merge loaded the way checkpoint.init_from loads it equals that model, tensor for tensor;
                loaded under TP=2, it equals the reference's checkpoint loaded under TP=2;
     moe:       the same for tiny_moe (experts stacked under one key) under ZeRO-1 fp32, one input; its
@@ -93,6 +94,9 @@ def reference(out: Path, cfg, platform, tokens: torch.Tensor) -> dict:
     with torch.no_grad():
         logits = model.eval()(tokens, torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens), None)
     torch.save(logits.float().contiguous(), out / "reference_logits.pt")
+    newest = _model(cfg, platform)
+    newest.load_state_dict(states[-1], strict=True)
+    save_checkpoint(out / "newest", [newest], None, None, state, megatron_args(cfg, state, 384))
     loaded = _model(cfg, platform)
     load_checkpoint(out / "merged", [loaded])  # what checkpoint.init_from does
     differ = [n for n, p in loaded.named_parameters() if not torch.equal(p, merged[n])]
