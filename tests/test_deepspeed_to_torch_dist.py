@@ -77,9 +77,10 @@ def test_export_of_the_conversion_gives_the_merged_models_logits(run, tmp_path):
 def test_a_deepspeed_checkpoint_is_converted_on_the_fly_by_init_from_and_pma_export(run, tmp_path):
     """init_from= / pma-export of the DeepSpeed root (converted into a hidden root under run.dir, on 2
     ranks: each its share / beside the output) start at the validation loss of, and export the same
-    bytes as, DeepSpeed's own reconstruction of its latest tag; nothing is left behind, also when the export fails
-    after the conversion. Refused before anything starts: a model that is not pma-train's (by parameter
-    name), checkpoint.load (resume); before the conversion: another architecture (by key)."""
+    bytes as, DeepSpeed's own reconstruction of its latest tag; nothing is left behind, also when the
+    export fails after the conversion (and a killed job's conversion under run.dir is removed by the
+    next). Refused before anything starts: a model that is not pma-train's (by parameter name),
+    checkpoint.load (resume); before the conversion: another architecture (by key)."""
     from pma_train.checkpoint.layout import CheckpointError
     from pma_train.cli.train import check_checkpoints
     from pma_train.config import JobConfig
@@ -101,6 +102,8 @@ def test_a_deepspeed_checkpoint_is_converted_on_the_fly_by_init_from_and_pma_exp
 
     reference = run / "newest"  # DeepSpeed's own fp32 reconstruction of the tag `latest` names, saved by pma-train
     export = ["pma_train.cli.export", f"checkpoint={run / 'ds'}", "model=tiny"]
+    killed = tmp_path / "from_ds" / ".pma-deepspeed-init_from.0123abcd"  # what a job killed while converting left
+    killed.mkdir(parents=True)
     with ThreadPoolExecutor(3) as pool:
         jobs = [pool.submit(train, tmp_path / "from_ds", START + [f"checkpoint.init_from={run / 'ds'}"], nproc=2),
                 pool.submit(train, tmp_path / "from_reference", START + [f"checkpoint.init_from={reference}"], nproc=2),
@@ -127,7 +130,7 @@ def test_a_deepspeed_checkpoint_is_converted_on_the_fly_by_init_from_and_pma_exp
     assert failed.returncode == 1, failed.stderr[-3000:]  # found after the conversion, named by the given path
     assert f"{run / 'ds' / 'global_step3'} (converted) does not hold model=tiny: shape mismatch" in failed.stderr
     assert sorted(p.name for p in out.iterdir()) == ["hf"]
-    assert not [p for p in (tmp_path / "from_ds").iterdir() if p.name.startswith(".pma-deepspeed-")]
+    assert not [p for p in (tmp_path / "from_ds").iterdir() if p.name.startswith(".pma-deepspeed-")]  # nor `killed`
     # A library call of pma-export's prepare() reads torch_dist only: it points at the conversion.
     with pytest.raises(CheckpointError, match=f"checkpoint: {run / 'ds'} is a DeepSpeed checkpoint.*output_format"):
         export_checkpoint(tmp_path, run / "ds", model_preset("tiny"))

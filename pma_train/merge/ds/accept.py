@@ -78,11 +78,12 @@ class Conversion:
     bytes_read: int
     bytes_written: int
     ranks: int
+    rss_growth: int  # the busiest rank's peak RSS above its start while converting: within the budget
 
     def describe(self, option: str) -> str:
         return (f"{option}: converted the DeepSpeed checkpoint {self.source} into {self.root} (temporary, removed "
                 f"afterwards) in {self.seconds:.2f} s on {self.ranks} rank(s): {self.bytes_read:,} bytes read, "
-                f"{self.bytes_written:,} written")
+                f"{self.bytes_written:,} written, peak RSS +{self.rss_growth / 2**20:.0f} MiB on the busiest rank")
 
 
 @contextmanager
@@ -112,7 +113,7 @@ def converted(path: str | Path, parent: Path, name: str, option: str,
         except MergeError as err:  # raised on every rank alike (the conversion reports collectively)
             raise CheckpointError(f"{option}: {path}: {err}") from None
         yield Conversion(info.path, root, time.perf_counter() - start, summary.bytes_read, summary.bytes_written,
-                         summary.ranks)
+                         summary.ranks, summary.peak_rss_above_start_bytes)
         done = True
     finally:
         if done:
