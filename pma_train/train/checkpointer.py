@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
 from pma_train.checkpoint import layout, readers
+from pma_train.checkpoint.layout import CheckpointError
 from pma_train.checkpoint.lock import RootLock
 from pma_train.checkpoint.megatron_args import megatron_args
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
 from pma_train.checkpoint.sidecar import TrainState
-from pma_train.checkpoint.layout import CheckpointError
 from pma_train.checkpoint.state import load_checkpoint, model_sharded_state_dict, save_checkpoint
 from pma_train.config import JobConfig
 from pma_train.merge.ds import accept
@@ -121,9 +123,6 @@ class Checkpointer:
 def _check_fits(model, shapes: dict[str, tuple[int, ...]], what: str, model_name: str) -> None:
     """On every rank alike: `shapes` (a checkpoint's tensors, by key) are exactly this model's tensors in
     their global shapes; else CheckpointError naming the first key that differs."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
     mine: dict[str, tuple[int, ...] | None] = {}
     for leaf in nested_values(model_sharded_state_dict(model)):
         if isinstance(leaf, ShardedTensor):
