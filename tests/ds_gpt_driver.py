@@ -6,11 +6,13 @@
     convert:   pma-merge's engine merges them (WEIGHTS, fp64) into <dir>/merged as torch_dist, on this world;
     reference: DeepSpeed's own fp32 reconstruction of each input, weighted in fp64 and loaded into a plain
                fp32 model, saved by pma-train's save_checkpoint (<dir>/reference) and its logits of the
-               tokens written (<dir>/reference_logits.pt);
+               tokens written (<dir>/reference_logits.pt); the newest input's alone, saved the same way
+               (<dir>/newest: what init_from / pma-export of the DeepSpeed root must read);
     check:     the merge loaded the way checkpoint.init_from loads it equals that model, tensor for tensor;
                loaded under TP=2, it equals the reference's checkpoint loaded under TP=2;
     moe:       the same for tiny_moe (experts stacked under one key) under ZeRO-1 fp32, one input; its
-               parameter names map onto exactly the keys of its sharded state dict.
+               parameter names map onto exactly the keys of its sharded state dict;
+    foreign:   a DeepSpeed checkpoint of a model that is not pma-train's (<dir>/foreign).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def reference(out: Path, cfg, platform, tokens: torch.Tensor) -> dict:
     with torch.no_grad():
         logits = model.eval()(tokens, torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens), None)
     torch.save(logits.float().contiguous(), out / "reference_logits.pt")
+    newest = _model(cfg, platform)
+    newest.load_state_dict(states[-1], strict=True)
+    save_checkpoint(out / "newest", [newest], None, None, state, megatron_args(cfg, state, 384))
     loaded = _model(cfg, platform)
     load_checkpoint(out / "merged", [loaded])  # what checkpoint.init_from does
     differ = [n for n, p in loaded.named_parameters() if not torch.equal(p, merged[n])]
@@ -155,6 +160,17 @@ def moe(out: Path, cfg, platform) -> dict:
             "differ": [n for n, p in loaded.named_parameters() if not torch.equal(p, expected[n])][:3]}
 
 
+def foreign(out: Path) -> None:
+    """A DeepSpeed checkpoint of a model that is not pma-train's (ZeRO-1 fp32, untrained): <dir>/foreign."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    engine, *_ = deepspeed.initialize(model=torch.nn.Sequential(torch.nn.Linear(8, 8)), config={
+        "train_micro_batch_size_per_gpu": 2, "steps_per_print": 10**9, "zero_optimization": {"stage": 1},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}})
+    engine.save_checkpoint(str(out / "foreign"), tag="global_step1")
+
+
 def main() -> None:
     import deepspeed
 
@@ -172,6 +188,7 @@ def main() -> None:
     convert(out)
     results = reference(out, cfg, platform, tokens)
     results["moe"] = moe(out, _config(), platform)
+    foreign(out)
     results["tp2_differ"] = under_tp2(out, platform)  # last: megatron-core's groups are TP=2 from here
     if torch.distributed.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results))

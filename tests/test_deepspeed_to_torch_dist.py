@@ -8,10 +8,12 @@ pma-train's save_checkpoint. Checked: the conversion loaded as init_from loads e
 tensor for tensor, under TP=1 and TP=2 (and for tiny_moe's stacked experts); `pma-train checkpoint.init_from=` of the
 conversion starts at the reference's validation loss; pma-export of the conversion gives
 the reference model's logits; a DeepSpeed checkpoint given to init_from or pma-export directly is
-refused, pointing at the conversion. (The refusal of a model that is not pma-train's, and the positions
-of every parameter under ZeRO 1 / 2 / 3: tests/test_deepspeed_merge.py, on its fixtures.)
+converted on the fly (as pma-merge converts it; nothing left behind), checked before anything starts
+(a model that is not pma-train's, another architecture), and refused by checkpoint.load. (The
+positions of every parameter under ZeRO 1 / 2 / 3: tests/test_deepspeed_merge.py, on its fixtures.)
 
-Cost: one torchrun launch (~40 s on 2 cores), two 1-rank pma-train runs of one step (at once), one export.
+Cost: one torchrun launch (~25 s on 2 cores), two 1-rank pma-train runs of one step (at once), one export;
+on-the-fly: two 2-rank and one 1-rank pma-train starts (at once), two 1-rank pma-exports.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.launch import REPO, free_port, test_env, train
+from tests.launch import REPO, free_port, run_module, test_env, train
 from tests.test_export import TOKENS, assert_same_logits, export_checkpoint, hf_logits, model_preset
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -72,20 +74,66 @@ def test_export_of_the_conversion_gives_the_merged_models_logits(run, tmp_path):
     assert_same_logits(hf_logits(tmp_path / "hf", "LlamaForCausalLM"), torch.load(run / "reference_logits.pt"))
 
 
-def test_a_deepspeed_checkpoint_given_directly_is_refused_pointing_at_the_conversion(run, tmp_path):
+def test_a_deepspeed_checkpoint_is_converted_on_the_fly_by_init_from_and_pma_export(run, tmp_path):
+    """init_from= / pma-export of the DeepSpeed root (converted into a hidden root under run.dir, on 2
+    ranks: each its share / beside the output) start at the validation loss of, and export the same
+    bytes as, DeepSpeed's own reconstruction of its latest tag; nothing is left behind, also when the
+    export fails after the conversion (and a killed job's conversion under run.dir is removed by the
+    next). Refused before anything starts: a model that is not pma-train's (by parameter name),
+    checkpoint.load (resume); before the conversion: another architecture (by key)."""
     from pma_train.checkpoint.layout import CheckpointError
     from pma_train.cli.train import check_checkpoints
     from pma_train.config import JobConfig
 
-    for given in (run / "ds", run / "ds" / "global_step3"):
+    def check(**given):
         job = JobConfig()
-        job.checkpoint.dir, job.checkpoint.init_from = str(tmp_path / "new"), str(given)
-        with pytest.raises(CheckpointError, match=rf"checkpoint.init_from: {given} is a DeepSpeed checkpoint.*"
-                                                  rf"pma-merge inputs=\[{given}\] output_format=torch_dist"):
-            check_checkpoints(job)  # pma-train's check before anything starts: exit 2, this line
-        with pytest.raises(CheckpointError, match=f"checkpoint: {given} is a DeepSpeed checkpoint.*output_format"):
-            export_checkpoint(tmp_path, given, model_preset("tiny"))
+        job.checkpoint.dir = str(tmp_path / "new")
+        for key, value in given.items():
+            setattr(job.checkpoint, key, str(value))
+        check_checkpoints(job)  # pma-train's check before anything starts: exit 2, this line
 
+    check(init_from=run / "ds")
+    with pytest.raises(CheckpointError, match=r"checkpoint.init_from: .*foreign/global_step1: parameter '0.weight' is "
+                                              "not a parameter of pma-train's model"):
+        check(init_from=run / "foreign")
+    with pytest.raises(CheckpointError, match=rf"checkpoint.load: {run / 'ds'} is a DeepSpeed checkpoint; "
+                                              rf"checkpoint.load resumes an optimizer state.*init_from={run / 'ds'}"):
+        check(load=run / "ds")
+
+    reference = run / "newest"  # DeepSpeed's own fp32 reconstruction of the tag `latest` names, saved by pma-train
+    export = ["pma_train.cli.export", f"checkpoint={run / 'ds'}", "model=tiny"]
+    killed = tmp_path / "from_ds" / ".pma-deepspeed-init_from.0123abcd"  # what a job killed while converting left
+    killed.mkdir(parents=True)
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(train, tmp_path / "from_ds", START + [f"checkpoint.init_from={run / 'ds'}"], nproc=2),
+                pool.submit(train, tmp_path / "from_reference", START + [f"checkpoint.init_from={reference}"], nproc=2),
+                pool.submit(train, tmp_path / "wider", START + [f"checkpoint.init_from={run / 'ds'}",
+                                                                "model.ffn_hidden_size=64"], check=False)]
+        from_ds, from_reference, wider = (job.result() for job in jobs)
+    a, b = from_ds.records("val")[0], from_reference.records("val")[0]
+    assert a["step"] == b["step"] == 0 and a["loss"] == b["loss"], (a, b)
+    assert (f"checkpoint.init_from: converted the DeepSpeed checkpoint {run / 'ds' / 'global_step3'} into "
+            f"{tmp_path / 'from_ds'}/.pma-deepspeed-init_from.") in from_ds.output
+    assert "on 2 rank(s)" in from_ds.output
+    assert wider.returncode == 1 and not wider.records("train"), wider.output[-3000:]
+    assert ("is not of this model's architecture: decoder.layers.1.mlp.linear_fc2.weight: [128, 352] in the "
+            "checkpoint, [128, 64] in model tiny") in wider.output
+
+    out = tmp_path / "exports"
+    proc = run_module([*export, f"output={out / 'hf'}"], nproc=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"converted the DeepSpeed checkpoint {run / 'ds' / 'global_step3'} into {out}/.pma-deepspeed-hf." in proc.stdout
+    export_checkpoint(tmp_path, reference, model_preset("tiny"), output=tmp_path / "hf_reference")
+    assert (out / "hf" / "model.safetensors").read_bytes() == (tmp_path / "hf_reference" / "model.safetensors").read_bytes()
+    assert json.loads((out / "hf" / "pma_export.json").read_text())["checkpoint"] == str(run / "ds" / "global_step3")
+    failed = run_module([*export, "model.ffn_hidden_size=64", f"output={out / 'wider'}"], nproc=1)
+    assert failed.returncode == 1, failed.stderr[-3000:]  # found after the conversion, named by the given path
+    assert f"{run / 'ds' / 'global_step3'} (converted) does not hold model=tiny: shape mismatch" in failed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["hf"]
+    assert not [p for p in (tmp_path / "from_ds").iterdir() if p.name.startswith(".pma-deepspeed-")]  # nor `killed`
+    # A library call of pma-export's prepare() reads torch_dist only: it points at the conversion.
+    with pytest.raises(CheckpointError, match=f"checkpoint: {run / 'ds'} is a DeepSpeed checkpoint.*output_format"):
+        export_checkpoint(tmp_path, run / "ds", model_preset("tiny"))
 
 
 def test_what_the_conversion_cannot_write_is_refused_before_it_starts(run, tmp_path):

@@ -13,7 +13,7 @@ from pma_train.checkpoint.optimizer_format import check_layout_before_start
 from pma_train.checkpoint.origin import check_restart_of_init_run
 from pma_train.cli.quiet import quiet_third_party
 from pma_train.conf import CONF_DIR, register_configs
-from pma_train.merge.ds.refuse import deepspeed_refusal
+from pma_train.merge.ds.accept import check_convertible, deepspeed_refusal, is_deepspeed_checkpoint
 from pma_train.config import ConfigError, JobConfig, check_output_dirs, to_job_config, validate
 from pma_train.cli.common import check_perf_for_host
 from pma_train.platform import PlatformError, check_devices
@@ -22,10 +22,13 @@ from pma_train.platform import PlatformError, check_devices
 def check_checkpoints(job: JobConfig) -> None:
     """Every checkpoint the job will read exists and is complete."""
     c = job.checkpoint
+    if c.load is not None and (refusal := deepspeed_refusal(c.load, "checkpoint.load")):
+        raise CheckpointError(refusal)
     for name, path in (("checkpoint.load", c.load), ("checkpoint.init_from", c.init_from)):
-        if path is not None and (refusal := deepspeed_refusal(path, name)):
-            raise CheckpointError(refusal)
-        if path is not None:
+        if name == "checkpoint.init_from" and path is not None and is_deepspeed_checkpoint(path):
+            # Converted once the job runs (train/checkpointer.py); its names are checked now.
+            check_convertible(path, name)
+        elif path is not None:
             try:
                 check_loadable(path)
             except CheckpointError as err:

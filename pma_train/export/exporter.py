@@ -45,6 +45,7 @@ class ExportPlan:
     config: object  # the transformers config
     tokenizer: object | None  # a transformers tokenizer to save, or None
     output: Path
+    converted_from: Path | None = None  # the DeepSpeed checkpoint `source` was converted from (deepspeed.py)
 
     @property
     def hf_class(self) -> str:
@@ -71,19 +72,24 @@ class ExportSummary:
     peak_rss_above_start_bytes: int  # busiest rank, growth while writing
 
 
-def prepare(cfg: ExportConfig) -> ExportPlan:
-    """Check everything and plan the output; raises ExportError / CheckpointError, writes nothing."""
+def check_request(cfg: ExportConfig) -> int:
+    """What needs no checkpoint read: the options given and valid; returns the largest shard's bytes."""
     if not cfg.checkpoint:
         raise ExportError("checkpoint: give the checkpoint to export (a root or an iter_* directory)")
     if not cfg.output and not cfg.dry_run:
         raise ExportError("output: give the output directory (or dry_run=true)")
     if cfg.dtype not in DTYPES:
         raise ExportError(f"dtype: '{cfg.dtype}' is not one of {', '.join(DTYPES)}")
-    max_bytes = parse_size(cfg.max_shard_size)
+    return parse_size(cfg.max_shard_size)
+
+
+def prepare(cfg: ExportConfig) -> ExportPlan:
+    """Check everything and plan the output; raises ExportError / CheckpointError, writes nothing."""
+    max_bytes = check_request(cfg)
     source = open_checkpoint(cfg.checkpoint)
     output = Path(cfg.output) if cfg.output else Path("-")
     if cfg.output:
-        _check_output(output, source.path, cfg.overwrite)
+        check_output(output, source.path, cfg.overwrite)
     if cfg.model is None:
         raise ExportError("model: give the model preset the checkpoint was trained with, e.g. model=tiny"
                           + _recorded(source))
@@ -131,7 +137,7 @@ def _vocabulary(cfg: ExportConfig):
     return tok.vocab_size, tok.eod, pad, hf_tok
 
 
-def _check_output(output: Path, checkpoint: Path, overwrite: bool) -> None:
+def check_output(output: Path, checkpoint: Path, overwrite: bool) -> None:
     out, ckpt = output.resolve(), checkpoint.resolve()
     if out == ckpt or out in ckpt.parents or ckpt in out.parents:
         raise ExportError(f"output: {output} overlaps the checkpoint {checkpoint}")
@@ -182,7 +188,7 @@ def claim_output(plan: ExportPlan) -> tuple[RootLock, Path]:
     lock = acquire(output.parent, Owner.this_process(), plan.cfg.force_unlock, "force_unlock=true",
                    name=f"{LOCK_FILE}.{output.name}")
     try:
-        _check_output(output, plan.source.path, plan.cfg.overwrite)  # published by another export since prepare?
+        check_output(output, plan.source.path, plan.cfg.overwrite)  # published by another export since prepare?
         _remove_leftovers(output)
         tmp = output.parent / f"{layout.TMP_PREFIX}{output.name}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -245,7 +251,7 @@ def _write_metadata(plan: ExportPlan, tmp: Path, seconds: float) -> None:
         plan.tokenizer.save_pretrained(str(tmp))
     src = plan.source
     write_json(tmp / PROVENANCE, {
-        "checkpoint": str(src.path.resolve()), "iteration": src.iteration, "consumed_tokens": src.consumed_tokens,
+        "checkpoint": str((plan.converted_from or src.path).resolve()), "iteration": src.iteration, "consumed_tokens": src.consumed_tokens,
         "model": plan.cfg.model.name, "hf_class": plan.hf_class, "dtype": str(plan.config.dtype).removeprefix("torch."),
         "vocab_size": plan.config.vocab_size, "padded_vocab_kept": plan.cfg.keep_padded_vocab,
         "shards": [s.file for s in plan.shards], "seconds": round(seconds, 3),

@@ -19,7 +19,7 @@ import torch
 from pma_train.checkpoint import layout
 from pma_train.checkpoint.layout import CheckpointError
 from pma_train.merge.dcp_io import CheckpointIndex, ChunkReader, TensorEntry
-from pma_train.merge.ds.refuse import deepspeed_refusal
+from pma_train.merge.ds.accept import deepspeed_refusal
 
 # Largest block read from a chunk at once: bounds the reader's scratch buffer.
 READ_BLOCK_BYTES = 64 * 2**20

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
 from pma_train.checkpoint import layout, readers
+from pma_train.checkpoint.layout import CheckpointError
 from pma_train.checkpoint.lock import RootLock
 from pma_train.checkpoint.megatron_args import megatron_args
 from pma_train.checkpoint.origin import INIT_FROM_KEY, init_from_record
 from pma_train.checkpoint.sidecar import TrainState
-from pma_train.checkpoint.state import load_checkpoint, save_checkpoint
+from pma_train.checkpoint.state import load_checkpoint, model_sharded_state_dict, save_checkpoint
 from pma_train.config import JobConfig
+from pma_train.merge.ds import accept
 
 
 class Checkpointer:
@@ -76,7 +82,7 @@ class Checkpointer:
             return state, resumed_from, notes
         state, notes = TrainState(), []
         if c.init_from is not None:
-            load_checkpoint(c.init_from, model)
+            notes += self._load_init_from(model)
             # Recorded in every checkpoint, so a restart knows its own checkpoints (pma_train/checkpoint/origin.py).
             state.extra[INIT_FROM_KEY] = init_from_record(c.init_from)
         elif c.init_merge.root is not None:
@@ -84,6 +90,22 @@ class Checkpointer:
         # Mixed precision keeps fp32 main weights in the optimizer: refresh them from the model.
         optimizer.reload_model_params()
         return state, None, notes
+
+    def _load_init_from(self, model) -> list[str]:
+        """checkpoint.init_from's weights; a DeepSpeed checkpoint converted first (merge/ds/accept.py) into
+        a temporary root under run.dir, checked against this model before. Returns the lines for the log."""
+        c = self.cfg.checkpoint
+        if not accept.is_deepspeed_checkpoint(c.init_from):
+            load_checkpoint(c.init_from, model)
+            return []
+        _check_fits(model, accept.check_convertible(c.init_from, "checkpoint.init_from"),
+                    f"checkpoint.init_from: the DeepSpeed checkpoint {c.init_from}", self.cfg.model.name)
+        run_dir = Path(self.cfg.run.dir)
+        if dist.get_rank() == 0:  # run.dir's lock is held: what is there was left by a killed job
+            accept.remove_leftovers(run_dir, "init_from")
+        with accept.converted(c.init_from, run_dir, "init_from", "checkpoint.init_from") as conversion:
+            load_checkpoint(conversion.root, model)
+        return [conversion.describe("checkpoint.init_from")]
 
     def _init_from_merge(self, model) -> str:
         """PMA-init: the average of a run's last n checkpoints, loaded shard by shard into this model."""
@@ -96,3 +118,27 @@ class Checkpointer:
         with readers.reading([c.path for c in chosen]):
             average_into_model(model, [c.path for c in chosen], weights)
         return f"PMA-init: {m.method} of iterations {[c.iteration for c in chosen]} of {m.root}"
+
+
+def _check_fits(model, shapes: dict[str, tuple[int, ...]], what: str, model_name: str) -> None:
+    """On every rank alike: `shapes` (a checkpoint's tensors, by key) are exactly this model's tensors in
+    their global shapes; else CheckpointError naming the first key that differs."""
+    mine: dict[str, tuple[int, ...] | None] = {}
+    for leaf in nested_values(model_sharded_state_dict(model)):
+        if isinstance(leaf, ShardedTensor):
+            mine[leaf.key] = tuple(leaf.global_shape)
+        elif isinstance(leaf, ShardedTensorFactory):  # built into tensors at load: the key is what is known
+            mine.setdefault(leaf.key, None)
+    every = [None] * dist.get_world_size()  # each rank holds its pipeline stage's keys
+    dist.all_gather_object(every, mine)
+    wanted: dict[str, tuple[int, ...] | None] = {}
+    for ranks in every:
+        for key, shape in ranks.items():
+            wanted[key] = shape if shape is not None else wanted.get(key)
+    problems = [f"{key}: {list(shapes[key])} in the checkpoint, {list(shape)} in model {model_name}"
+                for key, shape in wanted.items() if key in shapes and shape is not None and shapes[key] != shape]
+    problems += [f"has no tensor {key}, which model {model_name} needs" for key in wanted if key not in shapes]
+    problems += [f"holds {key}, which model {model_name} lacks" for key in shapes if key not in wanted]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{what} is not of this model's architecture: {problems[0]}{more}")
