@@ -3,19 +3,21 @@
 A rank's parameters are identical on every rank of its data-parallel replica group (megatron's DDP
 all-reduces dense gradients over data x context parallel, expert gradients over expert data
 parallel). The tracker sees each group's parameters as one flat vector split evenly across the
-group: a rank keeps CPU copies of its share only, at the last n grid points, so its snapshots take
+group: a rank copies its share only, at the last n grid points, so its snapshots take
 n x (model-parallel shard / DP) x (4 bytes, or 2 with track.dtype=bf16, or the parameters' own size
-with track.dtype=param), with no gather and no disk reads while training.
+with track.dtype=param), with no gather and no checkpoint reads while training. track.storage says
+where (merge/track_store.py): in host memory, or in files on this rank's disk, moved through one
+block of track.buffer_mb (then the host memory is that block, whatever the model size and n).
 
 Evaluating the merge forms it share by share and all-gathers it into the model in chunks of at
-most GATHER_BYTES; the live weights come back the same way, from each rank's copy of its own share
-(1/DP of the model, not a full clone). The live run is untouched.
+most gather_bytes (track.buffer_mb); the live weights come back the same way, from each rank's copy
+of its own share (1/DP of the model, not a full clone), kept where the snapshots are. The live run
+is untouched.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import deque
 from contextlib import contextmanager
 from functools import partial
 from itertools import accumulate
@@ -24,6 +26,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from pma_train.merge.track_store import open_store
 from pma_train.merge.weights import merge_weights
 
 GATHER_BYTES = 64 << 20  # one all-gather's output: the transient buffer, whatever the model size
@@ -98,68 +101,84 @@ def replica_sets(model_chunks: list[torch.nn.Module]) -> list[tuple[list[torch.n
 class MergeTracker:
     def __init__(self, replicas: list[tuple[list[torch.nn.Parameter], Optional[dist.ProcessGroup]]], n: int,
                  method: str, alpha: float, decay_shape: str = "linear", dtype: str = "fp32",
-                 gather_bytes: int = GATHER_BYTES):
+                 gather_bytes: int = GATHER_BYTES, storage: str = "host", directory=None):
         self.shares = [FlatShare(params, group) for params, group in replicas if params]
         self.n, self.method, self.alpha, self.decay_shape = n, method, alpha, decay_shape
         self.dtype, self.gather_bytes = DTYPES[dtype], gather_bytes
-        # (iteration, this rank's share of each replica set), oldest first
-        self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=n)
+        self.store = open_store(storage, directory, gather_bytes)
+        self.window: list[int] = []  # grid iterations, oldest first: the store's items it<iteration>
 
     @classmethod
-    def for_model(cls, model_chunks: list[torch.nn.Module], track) -> "MergeTracker":
-        """The tracker a run's `track` config asks for, over its (DDP-wrapped) model chunks."""
-        return cls(replica_sets(model_chunks), track.n, track.method, track.alpha, track.decay_shape, track.dtype)
+    def for_model(cls, model_chunks: list[torch.nn.Module], track, directory=None) -> "MergeTracker":
+        """The tracker a run's `track` config asks for, over its (DDP-wrapped) model chunks (directory:
+        this rank's, for track.storage=disk)."""
+        return cls(replica_sets(model_chunks), track.n, track.method, track.alpha, track.decay_shape, track.dtype,
+                   track.buffer_mb << 20, track.storage, directory)
+
+    @staticmethod
+    def _key(iteration: int) -> str:
+        return f"it{iteration:010d}"
 
     @torch.no_grad()
     def add(self, iteration: int) -> None:
         """Record this rank's shares at a grid point (called when the grid checkpoint is taken)."""
-        if len(self.snapshots) == self.n:  # reuse the oldest's buffers: never n + 1 of them at once
-            buffers = self.snapshots.popleft()[1]
-        else:
-            buffers = [torch.zeros(share.share, dtype=self.dtype or share.param_dtype) for share in self.shares]
-        for share, buffer in zip(self.shares, buffers):
-            share.read(share.start, share.start + share.share, buffer)
-        self.snapshots.append((iteration, buffers))
+        # A full window's oldest makes room first: never n + 1 snapshots at once.
+        oldest = self.window.pop(0) if len(self.window) == self.n else None
+        dtypes = [self.dtype or share.param_dtype for share in self.shares]
+        self.store.put(self._key(iteration), self.shares, dtypes,
+                       replacing=None if oldest is None else self._key(oldest))
+        self.window.append(iteration)
 
     def drop_after(self, iteration: int) -> None:
         """Forget snapshots past `iteration` (a spike recovery undid the steps that made them)."""
-        while self.snapshots and self.snapshots[-1][0] > iteration:
-            self.snapshots.pop()
+        while self.window and self.window[-1] > iteration:
+            self.store.remove(self._key(self.window.pop()))
 
     @property
     def ready(self) -> bool:
-        return len(self.snapshots) == self.n
+        return len(self.window) == self.n
 
     @property
     def iterations(self) -> list[int]:
-        return [it for it, _ in self.snapshots]
+        return list(self.window)
 
     def weights(self) -> list[float]:
-        return merge_weights(self.method, len(self.snapshots), self.alpha, decay_shape=self.decay_shape)
+        return merge_weights(self.method, len(self.window), self.alpha, decay_shape=self.decay_shape)
 
     def snapshot_bytes(self) -> int:
-        """Host memory this rank's snapshots take."""
-        return sum(buffer.nbytes for _, buffers in self.snapshots for buffer in buffers)
+        """Host memory this rank's snapshots take (0 with track.storage=disk)."""
+        return self.store.host_bytes()
+
+    def disk_bytes(self) -> int:
+        """Disk space this rank's snapshots take (0 with track.storage=host)."""
+        return self.store.disk_bytes()
+
+    def close(self) -> None:
+        """Forget the window and free what it held (its files, with track.storage=disk)."""
+        self.window.clear()
+        self.store.close()
 
     def _merged(self, index: int, weights: list[float], lo: int, hi: int) -> torch.Tensor:
         """Elements lo..hi of this rank's share of replica set `index`, merged in fp32."""
         acc = torch.zeros(hi - lo, dtype=torch.float32)
-        for weight, (_, buffers) in zip(weights, self.snapshots):
-            acc.add_(buffers[index][lo:hi], alpha=weight)
+        for weight, iteration in zip(weights, self.window):
+            acc.add_(self.store.block(self._key(iteration), index, lo, hi), alpha=weight)
         return acc
 
     @contextmanager
     @torch.no_grad()
     def _live_kept(self):
         """The model's weights inside the block are the block's business; after it, they are the
-        live ones again (each rank keeps its own share and the group re-gathers them)."""
-        own = [share.read(share.start, share.start + share.share, torch.zeros(share.share, dtype=share.param_dtype))
-               for share in self.shares]
+        live ones again (each rank keeps its own share where the snapshots are, and the group
+        re-gathers them)."""
+        self.store.put("live", self.shares, [share.param_dtype for share in self.shares])
         try:
             yield
         finally:
-            for share, live in zip(self.shares, own):
-                share.gather_into_params(lambda lo, hi, live=live: live[lo:hi], live.dtype, self.gather_bytes)
+            for index, share in enumerate(self.shares):
+                share.gather_into_params(partial(self.store.block, "live", index), share.param_dtype,
+                                         self.gather_bytes)
+            self.store.remove("live")
 
     @contextmanager
     @torch.no_grad()
