@@ -87,6 +87,7 @@ class FlatShare:
                 dist.all_gather_single(gathered, piece, group=self.group)
             for rank, part in enumerate(gathered.view(self.size, hi - lo)):
                 self.write(rank * self.share + lo, rank * self.share + hi, part)
+            del piece  # not alive while local() forms the next one
 
 
 def replica_sets(model_chunks: list[torch.nn.Module]) -> list[tuple[list[torch.nn.Parameter], Optional[dist.ProcessGroup]]]:
@@ -158,11 +159,16 @@ class MergeTracker:
         self.window.clear()
         self.store.close()
 
-    def _merged(self, index: int, weights: list[float], lo: int, hi: int) -> torch.Tensor:
-        """Elements lo..hi of this rank's share of replica set `index`, merged in fp32."""
-        acc = torch.zeros(hi - lo, dtype=torch.float32)
+    def _merged(self, index: int, weights: list[float], work: dict, lo: int, hi: int) -> torch.Tensor:
+        """Elements lo..hi of this rank's share of replica set `index`, merged in fp32. The result and
+        the buffers are `work`'s, reused from one block to the next (each is consumed before the next
+        is asked for): no allocator churn, so the host memory is these buffers and no more."""
+        acc = _reused(work, "acc", hi - lo).zero_()
         for weight, iteration in zip(weights, self.window):
-            acc.add_(self.store.block(self._key(iteration), index, lo, hi), alpha=weight)
+            block = self.store.block(self._key(iteration), index, lo, hi)
+            if block.dtype != torch.float32:  # what add_ would widen it to
+                block = _reused(work, "widened", hi - lo).copy_(block)
+            acc.add_(block, alpha=weight)
         return acc
 
     @contextmanager
@@ -179,15 +185,18 @@ class MergeTracker:
                 share.gather_into_params(partial(self.store.block, "live", index), share.param_dtype,
                                          self.gather_bytes)
             self.store.remove("live")
+            self.store.release()
 
     @contextmanager
     @torch.no_grad()
     def swapped_in(self):
         """The model holds the merged weights inside the block, its live weights after."""
-        weights = self.weights()
+        weights, work = self.weights(), {}
         with self._live_kept():
             for index, share in enumerate(self.shares):
-                share.gather_into_params(partial(self._merged, index, weights), torch.float32, self.gather_bytes)
+                share.gather_into_params(partial(self._merged, index, weights, work), torch.float32,
+                                         self.gather_bytes)
+            work.clear()
             yield
 
     @contextmanager
@@ -203,3 +212,11 @@ class MergeTracker:
         from pma_train.checkpoint.state import load_checkpoint
 
         return self.holding(partial(load_checkpoint, ckpt_dir, model_chunks))
+
+
+def _reused(work: dict, name: str, numel: int) -> torch.Tensor:
+    """work[name]'s first numel fp32 elements (allocated on first use, or grown)."""
+    buffer = work.get(name)
+    if buffer is None or buffer.numel() < numel:
+        buffer = work[name] = torch.empty(numel, dtype=torch.float32)
+    return buffer[:numel]

@@ -56,6 +56,9 @@ class HostStore:
     def block(self, key: str, index: int, lo: int, hi: int) -> torch.Tensor:
         return self.items[key][index][lo:hi]
 
+    def release(self) -> None:
+        pass
+
     def remove(self, key: str) -> None:
         del self.items[key]
 
@@ -82,6 +85,7 @@ class DiskStore:
         # key -> (byte offset, dtype) of each share in its file
         self.items: dict[str, list[tuple[int, torch.dtype]]] = {}
         self._sizes: dict[str, int] = {}
+        self._read: Optional[torch.Tensor] = None  # block()'s buffer, until release()
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.bin"
@@ -110,9 +114,14 @@ class DiskStore:
         self.items[key], self._sizes[key] = places, offset
 
     def block(self, key: str, index: int, lo: int, hi: int) -> torch.Tensor:
+        """Elements lo..hi of the item's share `index`, in one buffer reused by the next call (read
+        before asking for another) and kept until release()."""
         offset, dtype = self.items[key][index]
-        out = torch.empty(hi - lo, dtype=dtype)
-        view = memoryview(out.view(torch.uint8).numpy())
+        size = (hi - lo) * dtype.itemsize
+        if self._read is None or self._read.numel() < size:
+            self._read = torch.empty(size, dtype=torch.uint8)
+        out = self._read[:size].view(dtype)
+        view = memoryview(self._read[:size].numpy())
         with open(self._path(key), "rb", buffering=0) as f:
             f.seek(offset + lo * dtype.itemsize)
             done = 0
@@ -128,6 +137,10 @@ class DiskStore:
         del self.items[key], self._sizes[key]
         self._path(key).unlink()
 
+    def release(self) -> None:
+        """Free block()'s buffer (after an evaluation: none is held while training)."""
+        self._read = None
+
     def host_bytes(self) -> int:
         return 0
 
@@ -138,6 +151,7 @@ class DiskStore:
         """Delete the items' files and give the directory up."""
         for key in list(self.items):
             self.remove(key)
+        self.release()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
