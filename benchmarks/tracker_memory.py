@@ -71,7 +71,8 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from pma_train.merge.track import MergeTracker
+    from pma_train.merge.track import GATHER_BYTES, MergeTracker
+    from pma_train.merge.track_store import open_store
     from pma_train.rss import PeakRss
 
     dist.init_process_group("gloo")
@@ -87,7 +88,7 @@ def worker(args) -> None:
     else:
         directory = Path(args.dir) / f"rank_{dist.get_rank():05d}" if args.storage == "disk" else None
         tracker = MergeTracker([(params, dist.group.WORLD)], args.n, "sma", 0.2, dtype=args.dtype,
-                               storage=args.storage, directory=directory)
+                               store=open_store(args.storage, directory, GATHER_BYTES))
     dist.barrier()
     start = _rss()
     add_seconds = []

@@ -9,7 +9,7 @@ import torch
 
 from pma_train.checkpoint import layout
 from pma_train.merge import wma
-from tests.launch import run_module, train
+from tests.launch import hold_lock, run_module, train
 from tests.test_merge import assert_merged, full_tensors, merge_cli
 
 RUN = ["train.iters=120", "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_length=64",
@@ -76,7 +76,7 @@ def test_tracked_merge_at_dp2_equals_fp64_sum_of_grid_checkpoints(tmp_path):
     train(tmp_path / "disk", disk + ["train.exit_after_iters=2"], nproc=2)
     for rank in (0, 1):
         directory = tmp_path / "disk" / "track" / f"rank_{rank:05d}"
-        assert sorted(p.name for p in directory.iterdir()) == [".lock"]  # deleted at the end of training
+        assert list(directory.iterdir()) == []  # files and lock deleted at the end of training
         for name in ("it0000000002.bin", "it0000000004.bin.tmp", "live.bin"):
             (directory / name).write_bytes(b"\xff" * 1000)
     resumed = train(tmp_path / "disk", disk, nproc=2)
@@ -87,3 +87,25 @@ def test_tracked_merge_at_dp2_equals_fp64_sum_of_grid_checkpoints(tmp_path):
     track = resumed.records("track")[-1]
     assert track["track_snapshot_bytes"] == 0 and 0 <= track["track_disk_bytes"] - 2 * 4 * numel / 2 <= 2 * 4
     assert not list((tmp_path / "disk" / "track").rglob("*.bin*"))
+
+
+def test_track_dir_held_by_another_job_is_refused_on_every_rank(tmp_path):
+    """A rank directory another process holds: every rank stops with the same error, naming it (no rank
+    left waiting for the one refused), and nothing of the holder's is touched."""
+    held = tmp_path / "track" / "rank_00001"
+    held.mkdir(parents=True)
+    (held / "it0000000002.bin").write_bytes(b"theirs")
+    holder = hold_lock(held)
+    try:
+        run = train(tmp_path / "run", ["train.iters=2", "train.global_batch_size=8", "train.micro_batch_size=2",
+                                       "train.seq_length=64", "checkpoint.interval=2", "train.eval_iters=1",
+                                       "track.enabled=true", "track.n=2", "track.storage=disk",
+                                       f"track.dir={tmp_path / 'track'}"], nproc=2, check=False)
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait()
+    assert run.returncode != 0
+    assert f"pma-train: error: track.dir: {held} is in use by pid {holder.pid}" in run.output, run.output[-3000:]
+    assert (held / "it0000000002.bin").read_bytes() == b"theirs"
+    assert not list((tmp_path / "run" / "checkpoints").glob("iter_*"))

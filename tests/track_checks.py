@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from pma_train.merge.track import MergeTracker
-from pma_train.merge.track_store import DiskStore, TrackStorageError
+from pma_train.checkpoint.lock import LockError
+from pma_train.merge.track_store import DiskStore
 from pma_train.merge.weights import merge_weights
 
 N, METHOD, POINTS = 3, "wma", 5
@@ -139,13 +140,13 @@ def disk_checks(sets, group, history, live, merged, merged16, host: MergeTracker
     for path in stale.values():  # an earlier process's (torn) files, named as this window's will be
         path.write_bytes(b"\xff" * 7)
     disk = MergeTracker([(params, group) for params in sets], N, METHOD, 0.2, gather_bytes=GATHER_BYTES,
-                        storage="disk", directory=directory)
-    assert sorted(p.name for p in directory.iterdir()) == [".lock", "notes.txt"], "stale files kept"
+                        store=DiskStore(directory, GATHER_BYTES))
+    assert sorted(p.name for p in directory.iterdir()) == [".pma-lock", "notes.txt"], "stale files kept"
     try:
         DiskStore(directory, GATHER_BYTES)
         raise AssertionError("a second store in one directory was not refused")
-    except TrackStorageError as err:
-        assert "in use by another process" in str(err), err
+    except LockError as err:
+        assert f"{directory} is in use by pid" in str(err), err
     run_grid(disk, sets)
     assert disk.iterations == [20, 30, 40] and disk.snapshot_bytes() == 0
     assert disk.disk_bytes() == host.snapshot_bytes(), (disk.disk_bytes(), host.snapshot_bytes())
@@ -171,11 +172,11 @@ def disk_checks(sets, group, history, live, merged, merged16, host: MergeTracker
     with disk.swapped_in():
         assert same(merged_now(sets), merged)
     disk.close()
-    assert sorted(p.name for p in directory.iterdir()) == [".lock", "notes.txt"], "close kept files"
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"], "close kept files"
 
     # bf16 snapshots on disk: the host's bf16 merge, bit for bit
     disk16 = MergeTracker([(params, group) for params in sets], N, METHOD, 0.2, dtype="bf16",
-                          gather_bytes=GATHER_BYTES, storage="disk", directory=directory)
+                          gather_bytes=GATHER_BYTES, store=DiskStore(directory, GATHER_BYTES))
     run_grid(disk16, sets)
     assert disk16.disk_bytes() * 2 == host.snapshot_bytes()
     with disk16.swapped_in():

@@ -6,8 +6,11 @@ parallel). The tracker sees each group's parameters as one flat vector split eve
 group: a rank copies its share only, at the last n grid points, so its snapshots take
 n x (model-parallel shard / DP) x (4 bytes, or 2 with track.dtype=bf16, or the parameters' own size
 with track.dtype=param), with no gather and no checkpoint reads while training. track.storage says
-where (merge/track_store.py): in host memory, or in files on this rank's disk, moved through one
-block of track.buffer_mb (then the host memory is that block, whatever the model size and n).
+where (merge/track_store.py): in host memory, or in files on this rank's disk (the same bytes, plus
+the live share during an evaluation), moved in blocks of B = track.buffer_mb: then the tracker's host
+memory is B (1 + 3 / DP) at most (the all-gather's output, on the device with CUDA, and B / DP each
+for the fp32 accumulator, its widening of bf16 snapshots and the block read; plus the collective's
+own temporaries), whatever the model size and n.
 
 Evaluating the merge forms it share by share and all-gathers it into the model in chunks of at
 most gather_bytes (track.buffer_mb); the live weights come back the same way, from each rank's copy
@@ -26,7 +29,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from pma_train.merge.track_store import open_store
+from pma_train.merge.track_store import HostStore
 from pma_train.merge.weights import merge_weights
 
 GATHER_BYTES = 64 << 20  # one all-gather's output: the transient buffer, whatever the model size
@@ -102,19 +105,18 @@ def replica_sets(model_chunks: list[torch.nn.Module]) -> list[tuple[list[torch.n
 class MergeTracker:
     def __init__(self, replicas: list[tuple[list[torch.nn.Parameter], Optional[dist.ProcessGroup]]], n: int,
                  method: str, alpha: float, decay_shape: str = "linear", dtype: str = "fp32",
-                 gather_bytes: int = GATHER_BYTES, storage: str = "host", directory=None):
+                 gather_bytes: int = GATHER_BYTES, store=None):
         self.shares = [FlatShare(params, group) for params, group in replicas if params]
         self.n, self.method, self.alpha, self.decay_shape = n, method, alpha, decay_shape
         self.dtype, self.gather_bytes = DTYPES[dtype], gather_bytes
-        self.store = open_store(storage, directory, gather_bytes)
+        self.store = HostStore() if store is None else store  # merge/track_store.py
         self.window: list[int] = []  # grid iterations, oldest first: the store's items it<iteration>
 
     @classmethod
-    def for_model(cls, model_chunks: list[torch.nn.Module], track, directory=None) -> "MergeTracker":
-        """The tracker a run's `track` config asks for, over its (DDP-wrapped) model chunks (directory:
-        this rank's, for track.storage=disk)."""
+    def for_model(cls, model_chunks: list[torch.nn.Module], track, store) -> "MergeTracker":
+        """The tracker a run's `track` config asks for, over its (DDP-wrapped) model chunks."""
         return cls(replica_sets(model_chunks), track.n, track.method, track.alpha, track.decay_shape, track.dtype,
-                   track.buffer_mb << 20, track.storage, directory)
+                   track.buffer_mb << 20, store)
 
     @staticmethod
     def _key(iteration: int) -> str:

@@ -13,13 +13,11 @@ from the model's parameters and read back in blocks of elements [lo, hi).
   in this process only: a merge reads only files this process finished writing, never a torn one
   or one left by an earlier process. A restarted run rebuilds its window from the grid checkpoints
   (train/tracking.py), and a store deletes what an earlier process left in its directory before it
-  writes anything; the directory's lock file keeps two live processes out of one directory.
+  writes anything; the directory's lock (checkpoint/lock.py) keeps two jobs out of one directory.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import re
 from pathlib import Path
@@ -27,14 +25,14 @@ from typing import Optional
 
 import torch
 
+from pma_train.checkpoint.lock import Owner, acquire
+
 # Files a store writes: `it<iteration>.bin` (a snapshot), `live.bin`, and their temporaries.
 _OWN_FILE = re.compile(r"(it\d+|live)\.bin(\.tmp)?")
-LOCK_FILE = ".lock"
-_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 class TrackStorageError(RuntimeError):
-    """The tracker's directory cannot be used (held by another process, or a file is short)."""
+    """A snapshot file is not what this process wrote."""
 
 
 class HostStore:
@@ -75,10 +73,11 @@ class HostStore:
 class DiskStore:
     """Items as files in `directory` (this rank's alone), moved through blocks of `block_bytes`."""
 
-    def __init__(self, directory: str | Path, block_bytes: int):
+    def __init__(self, directory: str | Path, block_bytes: int, force_unlock: bool = False):
         self.dir, self.block_bytes = Path(directory), block_bytes
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(self.dir)
+        # One process per directory (two jobs given one track.dir): checkpoint/lock.py's lock, whose
+        # refusal names the holder; LockError otherwise.
+        self._lock = acquire(self.dir, Owner.this_process(), force_unlock, "checkpoint.force_unlock=true")
         for path in self.dir.iterdir():  # an earlier process's files: never part of this window
             if _OWN_FILE.fullmatch(path.name):
                 path.unlink()
@@ -152,35 +151,15 @@ class DiskStore:
         for key in list(self.items):
             self.remove(key)
         self.release()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
 
-def _lock(directory: Path) -> Optional[int]:
-    """An exclusive flock on the directory's lock file, held while the process lives (None where the
-    file system has no flock)."""
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrackStorageError(f"track.dir: {directory} is in use by another process on this host (two jobs "
-                                "given the same track.dir?): give each job its own") from None
-    except OSError as err:
-        os.close(fd)
-        if err.errno not in _NO_FLOCK:
-            raise
-        return None
-    return fd
-
-
-def open_store(storage: str, directory: Optional[str | Path], block_bytes: int):
+def open_store(storage: str, directory: Optional[str | Path], block_bytes: int, force_unlock: bool = False):
     """The store `track.storage` names (disk: in `directory`)."""
     if storage == "host":
         return HostStore()
     if storage == "disk":
         if directory is None:
             raise ValueError("track.storage=disk needs a directory")
-        return DiskStore(directory, block_bytes)
+        return DiskStore(directory, block_bytes, force_unlock)
     raise ValueError(f"track.storage: '{storage}' is not one of host, disk")
