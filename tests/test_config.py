@@ -51,6 +51,9 @@ def job(**sections) -> JobConfig:
     ({"train__seq_length": 8192}, 1, "train.seq_length"),         # RoPE, max_position_embeddings=4096
     ({"track__enabled": True, "train__eval_iters": 0}, 1, "track.enabled"),
     ({"track__enabled": True, "track__dtype": "fp16"}, 1, "track.dtype"),
+    ({"track__enabled": True, "track__storage": "ram"}, 1, "track.storage"),
+    ({"track__enabled": True, "track__dir": "/tmp/track"}, 1, "track.dir"),   # storage=host keeps no files
+    ({"track__enabled": True, "track__storage": "disk", "track__buffer_mb": 0}, 1, "track.buffer_mb"),
     ({"checkpoint__load": ".", "checkpoint__init_from": "."}, 1, "checkpoint.init_from"),
 ])
 def test_validate_names_the_field(overrides, world, field):
@@ -140,4 +143,13 @@ def test_cli_checks_output_dirs_before_starting(tmp_path):
     proc = _cli(f"run.dir={tmp_path / 'run'}", f"checkpoint.dir={tmp_path / 'file' / 'ckpt'}")
     assert proc.returncode == 2
     assert f"configuration error: checkpoint.dir: {tmp_path / 'file'} is not a directory" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_checks_track_dir_before_starting(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _cli(f"run.dir={tmp_path / 'run'}", "track.enabled=true", "track.storage=disk",
+                f"track.dir={tmp_path / 'file' / 'track'}")
+    assert proc.returncode == 2
+    assert f"configuration error: track.dir: {tmp_path / 'file'} is not a directory" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -157,6 +157,9 @@ def test_host_memory_per_rank():
                                   "resume": base + 12 * n, "tracker": (3 * 4 + 2) * n / 2 + 64 * 2**20}
     (rank,) = plan_for(args + ["track.enabled=true", "track.n=3", "track.dtype=bf16"])["memory"]["ranks"]
     assert rank["host_bytes"]["tracker"] == (3 * 2 + 2) * n / 2 + 64 * 2**20
+    # track.storage=disk: the snapshots and the live share are files; the host holds the buffers
+    (rank,) = plan_for(args + ["track.enabled=true", "track.n=3", "track.storage=disk", "track.buffer_mb=16"])["memory"]["ranks"]
+    assert rank["host_bytes"]["tracker"] == 16 * 2**20 * (1 + 3 / 2) and rank["tracker_disk_bytes"] == (3 * 4 + 2) * n / 2
     # CPU job: the training state is host memory; the writer clones the views it writes.
     (rank,) = plan_for(args + ["plan.device=cpu", "train.precision=fp32"])["memory"]["ranks"]
     assert rank["host_bytes"]["training"] == base + rank["total_bytes"]

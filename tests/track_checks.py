@@ -7,15 +7,24 @@ swapped into the model equals an fp64 weighted sum of the full snapshots and, bi
 unsharded fp32 sum the tracker formed before sharding; the live weights are restored exactly; each
 rank's snapshots take 1/DP of the unsharded bytes; bf16 snapshots merge within bf16 rounding, and
 snapshots in the parameters' own dtype merge to the same bits; a window read back from checkpoints
-(`holding`) merges the same and leaves the live weights as they were.
+(`holding`) merges the same and leaves the live weights as they were. With track.storage=disk (each
+rank its own directory under argv[1]): the same merges bit for bit (fp32 and bf16 snapshots), the live
+weights restored bit for bit, no host memory and the host store's bytes on disk, files an earlier
+process left deleted and never read, a window dropped or closed deleting its files, a second store in
+the same directory refused.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from pma_train.merge.track import MergeTracker
+from pma_train.checkpoint.lock import LockError
+from pma_train.merge.track_store import DiskStore
 from pma_train.merge.weights import merge_weights
 
 N, METHOD, POINTS = 3, "wma", 5
@@ -114,10 +123,66 @@ def main() -> None:
     with single.swapped_in():
         assert all(torch.equal(a, b) for x, y in zip(merged_now(sets), merged) for a, b in zip(x, y))
     assert single.snapshot_bytes() == unsharded
+    disk_checks(sets, group, history, live, merged, merged16, tracker, Path(sys.argv[1]) / f"rank_{dist.get_rank()}")
     if dist.get_rank() == 0:
         print(f"track_checks ok: per-rank snapshot bytes {tracker.snapshot_bytes()} (bf16 "
               f"{tracker16.snapshot_bytes()}), unsharded {unsharded}, dp {world}")
     dist.destroy_process_group()
+
+
+def disk_checks(sets, group, history, live, merged, merged16, host: MergeTracker, directory: Path) -> None:
+    """track.storage=disk against the host store's results (`merged`, `merged16`, `live`)."""
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for u, v in zip(a, b) for x, y in zip(u, v))
+
+    directory.mkdir(parents=True)
+    stale = {name: directory / name for name in ("it0000000020.bin", "it0000000030.bin.tmp", "live.bin", "notes.txt")}
+    for path in stale.values():  # an earlier process's (torn) files, named as this window's will be
+        path.write_bytes(b"\xff" * 7)
+    disk = MergeTracker([(params, group) for params in sets], N, METHOD, 0.2, gather_bytes=GATHER_BYTES,
+                        store=DiskStore(directory, GATHER_BYTES))
+    assert sorted(p.name for p in directory.iterdir()) == [".pma-lock", "notes.txt"], "stale files kept"
+    try:
+        DiskStore(directory, GATHER_BYTES)
+        raise AssertionError("a second store in one directory was not refused")
+    except LockError as err:
+        assert f"{directory} is in use by pid" in str(err), err
+    run_grid(disk, sets)
+    assert disk.iterations == [20, 30, 40] and disk.snapshot_bytes() == 0
+    assert disk.disk_bytes() == host.snapshot_bytes(), (disk.disk_bytes(), host.snapshot_bytes())
+    files = sorted(p.name for p in directory.glob("*.bin*"))
+    assert files == ["it0000000020.bin", "it0000000030.bin", "it0000000040.bin"], files
+    with disk.swapped_in():
+        assert same(merged_now(sets), merged), "disk merge differs from the host merge"
+        assert (directory / "live.bin").is_file()
+    assert same(merged_now(sets), live), "live weights not restored from disk"
+    assert not (directory / "live.bin").exists()
+
+    # a window read back from checkpoints (resume) onto disk merges the same, live restored
+    disk.drop_after(10)
+    assert disk.iterations == [] and not list(directory.glob("*.bin*")), "dropped snapshots' files kept"
+    for point in range(2, POINTS):
+        def load(point=point):
+            for s, params in enumerate(sets):
+                for p, value in zip(params, history[point][s]):
+                    p.copy_(value)
+        with disk.holding(load):
+            disk.add(10 * point)
+        assert same(merged_now(sets), live), "live weights not restored after a read-back"
+    with disk.swapped_in():
+        assert same(merged_now(sets), merged)
+    disk.close()
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"], "close kept files"
+
+    # bf16 snapshots on disk: the host's bf16 merge, bit for bit
+    disk16 = MergeTracker([(params, group) for params in sets], N, METHOD, 0.2, dtype="bf16",
+                          gather_bytes=GATHER_BYTES, store=DiskStore(directory, GATHER_BYTES))
+    run_grid(disk16, sets)
+    assert disk16.disk_bytes() * 2 == host.snapshot_bytes()
+    with disk16.swapped_in():
+        assert same(merged_now(sets), merged16)
+    assert same(merged_now(sets), live)
+    disk16.close()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pma_train.config.schema import (  # noqa: F401
 from pma_train.config.checks import (  # noqa: F401
     world_size_from_env,
     track_spacing_iters,
+    track_rank_dir,
     METHODS,
     EXIT_SIGNALS,
     decay_window_iters,

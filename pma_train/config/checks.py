@@ -45,6 +45,11 @@ def track_spacing_iters(cfg: JobConfig) -> int:
     return tr.v_iterations or cfg.checkpoint.interval
 
 
+def track_rank_dir(cfg: JobConfig, rank: int) -> Path:
+    """Where a rank keeps the tracked merge's snapshots with track.storage=disk (its own directory)."""
+    return Path(cfg.track.dir or Path(cfg.run.dir) / "track") / f"rank_{rank:05d}"
+
+
 METHODS = ("sma", "ema", "wma", "decay")
 # pma_train/checkpoint/optimizer_format.py says what each means.
 OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
@@ -222,6 +227,13 @@ def validate(cfg: JobConfig, world_size: Optional[int] = None, *, local_files: b
         _check_method("track.", tr)
         if tr.dtype not in ("fp32", "bf16", "param"):
             _fail("track.dtype", f"'{tr.dtype}' is not one of fp32, bf16, param")
+        if tr.storage not in ("host", "disk"):
+            _fail("track.storage", f"'{tr.storage}' is not one of host, disk")
+        if tr.dir is not None and tr.storage != "disk":
+            _fail("track.dir", f"is set, but track.storage={tr.storage} keeps the snapshots in memory: set "
+                               "track.storage=disk (or leave track.dir unset)")
+        if tr.buffer_mb < 1:
+            _fail("track.buffer_mb", f"must be >= 1, got {tr.buffer_mb}")
         if tr.save_keep_last is not None and tr.save_keep_last < 1:
             _fail("track.save_keep_last", f"must be >= 1 (or null: keep all), got {tr.save_keep_last}")
         spacing = track_spacing_iters(cfg)
@@ -316,6 +328,8 @@ def check_output_dirs(cfg: JobConfig) -> None:
     """The directories a training job writes to: found at the start, not at the first save after training."""
     check_writable("run.dir", cfg.run.dir)
     check_writable("checkpoint.dir", cfg.checkpoint.dir)
+    if cfg.track.enabled and cfg.track.storage == "disk" and cfg.track.dir is not None:
+        check_writable("track.dir", cfg.track.dir)
 
 
 # ----------------------------------------------------------------------------- pma-eval

@@ -241,6 +241,16 @@ class TrackConfig(MergeWeighting):
     # parameters' own dtype: as exact as fp32, and half of it for bf16 mixed-precision training).
     # Per rank: n x model-parallel shard / data-parallel size x bytes per element.
     dtype: str = "fp32"
+    # Where the snapshots (and, while the merge is evaluated, the rank's live share) are kept:
+    # host (memory: the per-rank figure above, plus the live share during an evaluation) | disk (one
+    # file per snapshot in <dir>/rank_XXXXX, the global rank; the host memory is then the buffer, and
+    # the disk holds the figure above plus the live share during an evaluation). Put `dir` on a fast
+    # local disk (NVMe scratch): the default, <run.dir>/track, is unique to the run but often on a
+    # shared file system. The files are deleted at the end of training and by the next run.
+    storage: str = "host"
+    dir: Optional[str] = None
+    # Block of the merge's all-gathers and of the disk reads / writes, MiB per rank.
+    buffer_mb: int = 64
     # Also save the merged weights (model only) under <run.dir>/merged at every eval, keeping the
     # newest `save_keep_last` of them (null: all).
     save: bool = False

@@ -3,19 +3,24 @@
 A rank's parameters are identical on every rank of its data-parallel replica group (megatron's DDP
 all-reduces dense gradients over data x context parallel, expert gradients over expert data
 parallel). The tracker sees each group's parameters as one flat vector split evenly across the
-group: a rank keeps CPU copies of its share only, at the last n grid points, so its snapshots take
+group: a rank copies its share only, at the last n grid points, so its snapshots take
 n x (model-parallel shard / DP) x (4 bytes, or 2 with track.dtype=bf16, or the parameters' own size
-with track.dtype=param), with no gather and no disk reads while training.
+with track.dtype=param), with no gather and no checkpoint reads while training. track.storage says
+where (merge/track_store.py): in host memory, or in files on this rank's disk (the same bytes, plus
+the live share during an evaluation), moved in blocks of B = track.buffer_mb: then the tracker's host
+memory is B (1 + 3 / DP) at most (the all-gather's output, on the device with CUDA, and B / DP each
+for the fp32 accumulator, its widening of bf16 snapshots and the block read; plus the collective's
+own temporaries), whatever the model size and n.
 
 Evaluating the merge forms it share by share and all-gathers it into the model in chunks of at
-most GATHER_BYTES; the live weights come back the same way, from each rank's copy of its own share
-(1/DP of the model, not a full clone). The live run is untouched.
+most gather_bytes (track.buffer_mb); the live weights come back the same way, from each rank's copy
+of its own share (1/DP of the model, not a full clone), kept where the snapshots are. The live run
+is untouched.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import deque
 from contextlib import contextmanager
 from functools import partial
 from itertools import accumulate
@@ -24,6 +29,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from pma_train.merge.track_store import HostStore
 from pma_train.merge.weights import merge_weights
 
 GATHER_BYTES = 64 << 20  # one all-gather's output: the transient buffer, whatever the model size
@@ -84,6 +90,7 @@ class FlatShare:
                 dist.all_gather_single(gathered, piece, group=self.group)
             for rank, part in enumerate(gathered.view(self.size, hi - lo)):
                 self.write(rank * self.share + lo, rank * self.share + hi, part)
+            del piece  # not alive while local() forms the next one
 
 
 def replica_sets(model_chunks: list[torch.nn.Module]) -> list[tuple[list[torch.nn.Parameter], Optional[dist.ProcessGroup]]]:
@@ -98,77 +105,100 @@ def replica_sets(model_chunks: list[torch.nn.Module]) -> list[tuple[list[torch.n
 class MergeTracker:
     def __init__(self, replicas: list[tuple[list[torch.nn.Parameter], Optional[dist.ProcessGroup]]], n: int,
                  method: str, alpha: float, decay_shape: str = "linear", dtype: str = "fp32",
-                 gather_bytes: int = GATHER_BYTES):
+                 gather_bytes: int = GATHER_BYTES, store=None):
         self.shares = [FlatShare(params, group) for params, group in replicas if params]
         self.n, self.method, self.alpha, self.decay_shape = n, method, alpha, decay_shape
         self.dtype, self.gather_bytes = DTYPES[dtype], gather_bytes
-        # (iteration, this rank's share of each replica set), oldest first
-        self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=n)
+        self.store = HostStore() if store is None else store  # merge/track_store.py
+        self.window: list[int] = []  # grid iterations, oldest first: the store's items it<iteration>
 
     @classmethod
-    def for_model(cls, model_chunks: list[torch.nn.Module], track) -> "MergeTracker":
+    def for_model(cls, model_chunks: list[torch.nn.Module], track, store) -> "MergeTracker":
         """The tracker a run's `track` config asks for, over its (DDP-wrapped) model chunks."""
-        return cls(replica_sets(model_chunks), track.n, track.method, track.alpha, track.decay_shape, track.dtype)
+        return cls(replica_sets(model_chunks), track.n, track.method, track.alpha, track.decay_shape, track.dtype,
+                   track.buffer_mb << 20, store)
+
+    @staticmethod
+    def _key(iteration: int) -> str:
+        return f"it{iteration:010d}"
 
     @torch.no_grad()
     def add(self, iteration: int) -> None:
         """Record this rank's shares at a grid point (called when the grid checkpoint is taken)."""
-        if len(self.snapshots) == self.n:  # reuse the oldest's buffers: never n + 1 of them at once
-            buffers = self.snapshots.popleft()[1]
-        else:
-            buffers = [torch.zeros(share.share, dtype=self.dtype or share.param_dtype) for share in self.shares]
-        for share, buffer in zip(self.shares, buffers):
-            share.read(share.start, share.start + share.share, buffer)
-        self.snapshots.append((iteration, buffers))
+        # A full window's oldest makes room first: never n + 1 snapshots at once.
+        oldest = self.window.pop(0) if len(self.window) == self.n else None
+        dtypes = [self.dtype or share.param_dtype for share in self.shares]
+        self.store.put(self._key(iteration), self.shares, dtypes,
+                       replacing=None if oldest is None else self._key(oldest))
+        self.window.append(iteration)
 
     def drop_after(self, iteration: int) -> None:
         """Forget snapshots past `iteration` (a spike recovery undid the steps that made them)."""
-        while self.snapshots and self.snapshots[-1][0] > iteration:
-            self.snapshots.pop()
+        while self.window and self.window[-1] > iteration:
+            self.store.remove(self._key(self.window.pop()))
 
     @property
     def ready(self) -> bool:
-        return len(self.snapshots) == self.n
+        return len(self.window) == self.n
 
     @property
     def iterations(self) -> list[int]:
-        return [it for it, _ in self.snapshots]
+        return list(self.window)
 
     def weights(self) -> list[float]:
-        return merge_weights(self.method, len(self.snapshots), self.alpha, decay_shape=self.decay_shape)
+        return merge_weights(self.method, len(self.window), self.alpha, decay_shape=self.decay_shape)
 
     def snapshot_bytes(self) -> int:
-        """Host memory this rank's snapshots take."""
-        return sum(buffer.nbytes for _, buffers in self.snapshots for buffer in buffers)
+        """Host memory this rank's snapshots take (0 with track.storage=disk)."""
+        return self.store.host_bytes()
 
-    def _merged(self, index: int, weights: list[float], lo: int, hi: int) -> torch.Tensor:
-        """Elements lo..hi of this rank's share of replica set `index`, merged in fp32."""
-        acc = torch.zeros(hi - lo, dtype=torch.float32)
-        for weight, (_, buffers) in zip(weights, self.snapshots):
-            acc.add_(buffers[index][lo:hi], alpha=weight)
+    def disk_bytes(self) -> int:
+        """Disk space this rank's snapshots take (0 with track.storage=host)."""
+        return self.store.disk_bytes()
+
+    def close(self) -> None:
+        """Forget the window and free what it held (its files, with track.storage=disk)."""
+        self.window.clear()
+        self.store.close()
+
+    def _merged(self, index: int, weights: list[float], work: dict, lo: int, hi: int) -> torch.Tensor:
+        """Elements lo..hi of this rank's share of replica set `index`, merged in fp32. The result and
+        the buffers are `work`'s, reused from one block to the next (each is consumed before the next
+        is asked for): no allocator churn, so the host memory is these buffers and no more."""
+        acc = _reused(work, "acc", hi - lo).zero_()
+        for weight, iteration in zip(weights, self.window):
+            block = self.store.block(self._key(iteration), index, lo, hi)
+            if block.dtype != torch.float32:  # what add_ would widen it to
+                block = _reused(work, "widened", hi - lo).copy_(block)
+            acc.add_(block, alpha=weight)
         return acc
 
     @contextmanager
     @torch.no_grad()
     def _live_kept(self):
         """The model's weights inside the block are the block's business; after it, they are the
-        live ones again (each rank keeps its own share and the group re-gathers them)."""
-        own = [share.read(share.start, share.start + share.share, torch.zeros(share.share, dtype=share.param_dtype))
-               for share in self.shares]
+        live ones again (each rank keeps its own share where the snapshots are, and the group
+        re-gathers them)."""
+        self.store.put("live", self.shares, [share.param_dtype for share in self.shares])
         try:
             yield
         finally:
-            for share, live in zip(self.shares, own):
-                share.gather_into_params(lambda lo, hi, live=live: live[lo:hi], live.dtype, self.gather_bytes)
+            for index, share in enumerate(self.shares):
+                share.gather_into_params(partial(self.store.block, "live", index), share.param_dtype,
+                                         self.gather_bytes)
+            self.store.remove("live")
+            self.store.release()
 
     @contextmanager
     @torch.no_grad()
     def swapped_in(self):
         """The model holds the merged weights inside the block, its live weights after."""
-        weights = self.weights()
+        weights, work = self.weights(), {}
         with self._live_kept():
             for index, share in enumerate(self.shares):
-                share.gather_into_params(partial(self._merged, index, weights), torch.float32, self.gather_bytes)
+                share.gather_into_params(partial(self._merged, index, weights, work), torch.float32,
+                                         self.gather_bytes)
+            work.clear()
             yield
 
     @contextmanager
@@ -184,3 +214,11 @@ class MergeTracker:
         from pma_train.checkpoint.state import load_checkpoint
 
         return self.holding(partial(load_checkpoint, ckpt_dir, model_chunks))
+
+
+def _reused(work: dict, name: str, numel: int) -> torch.Tensor:
+    """work[name]'s first numel fp32 elements (allocated on first use, or grown)."""
+    buffer = work.get(name)
+    if buffer is None or buffer.numel() < numel:
+        buffer = work[name] = torch.empty(numel, dtype=torch.float32)
+    return buffer[:numel]

@@ -125,6 +125,7 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
     e = 4 if precision == "fp32" else 2
     tokens_per_microbatch = t.micro_batch_size * t.seq_length
 
+    snapshot_b = {"fp32": 4, "bf16": 2, "param": e}[job.track.dtype]  # track.dtype's bytes per element
     ranks = []
     for pp_rank in range(p.pp):
         chunks = [c for c in counted.chunks if c.pp_rank == pp_rank]
@@ -140,7 +141,8 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
         host = estimate.host_bytes(dense + expert, e, dp if sharded else 1, plan.device == "gpu", device_state,
                                    job.checkpoint.optimizer_format if sharded else "dp_reshardable",
                                    job.track.n if job.track.enabled else 0, dp,
-                                   {"fp32": 4, "bf16": 2, "param": e}[job.track.dtype])
+                                   snapshot_b, job.track.storage,
+                                   job.track.buffer_mb << 20)
         ranks.append({
             "pp_rank": pp_rank, "segments": [c.segment for c in chunks],
             "params": dense + expert, "params_expert": expert,
@@ -148,6 +150,8 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
             "activation_bytes": activations, "microbatches_in_flight": held,
             "activation_bytes_per_microbatch": per_chunk,
             "total_bytes": device_state, "host_bytes": host,
+            "tracker_disk_bytes": estimate.tracker_disk_bytes(dense + expert, e, job.track.n, dp, snapshot_b)
+            if job.track.enabled and job.track.storage == "disk" else 0,
         })
     peak = max(ranks, key=lambda r: r["total_bytes"])
 
@@ -186,7 +190,8 @@ def make_plan(job: PlanJobConfig | JobConfig, plan: PlanConfig | None = None) ->
         "memory": {"precision": precision, "ranks": ranks, "peak_pp_rank": peak["pp_rank"],
                    "peak_bytes": peak["total_bytes"], "estimate": True, "host_device": plan.device,
                    "optimizer_format": job.checkpoint.optimizer_format,
-                   "tracker_n": job.track.n if job.track.enabled else 0, "tracker_dtype": job.track.dtype},
+                   "tracker_n": job.track.n if job.track.enabled else 0, "tracker_dtype": job.track.dtype,
+                   "tracker_storage": job.track.storage},
         "build": {"full": counted.full_build, "seconds": round(build_seconds, 3),
                   "ranks_built": p.pp, "world_built": p.tp * p.pp * p.ep},
     }

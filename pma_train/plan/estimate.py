@@ -39,7 +39,10 @@ track.* decide it. P = the rank's parameters (its model-parallel shard), dp its 
             whole DP group's optimizer state on every rank (+12 P).
   tracker:  track.n snapshots of the rank's 1/dp share of its shard (b = 4 bytes for track.dtype=fp32,
             2 for bf16, e for param), and while the merge is evaluated the live weights of that share
-            and one gather buffer: n b P / dp + e P / dp + 64 MiB (merge/track.py).
+            and one gather buffer (B = track.buffer_mb): n b P / dp + e P / dp + B (merge/track.py).
+            With track.storage=disk those shares are files (n b P / dp + e P / dp of disk per rank) and
+            the host holds the gather buffer plus the merge's fp32 accumulator, its widening and the
+            block read, each B / dp at most: B (1 + 3 / dp) (merge/track_store.py).
 
 FLOPs per token: pma_train/model/flops.py (one formula for pma-plan and the trainer).
 """
@@ -100,7 +103,8 @@ OPTIMIZER_BYTES = 12  # per parameter: fp32 main param (the weight itself in fp3
 
 
 def host_bytes(params: int, weight_bytes_per_param: int, dp: int, on_gpu: bool, device_state: float,
-               optimizer_format: str, tracker_n: int, tracker_dp: int = 1, tracker_bytes: int = 4) -> dict[str, float]:
+               optimizer_format: str, tracker_n: int, tracker_dp: int = 1, tracker_bytes: int = 4,
+               tracker_storage: str = "host", tracker_buffer: int = 64 << 20) -> dict[str, float]:
     """Peak host memory of one rank (the DP rank 0, which writes the replicated weights) while training,
     saving and resuming, and what track.* adds; device_state = the rank's GPU figure (weights, grads,
     optimizer, activations), resident in host memory on a CPU job."""
@@ -109,16 +113,23 @@ def host_bytes(params: int, weight_bytes_per_param: int, dp: int, on_gpu: bool, 
     local = gathered / dp  # the rank's shard, copied to the contiguous buffers it gathers from
     staged = weight_bytes_per_param * params + (OPTIMIZER_BYTES if on_gpu else 4) * params / dp
     return {"training": training, "save": training + staged + local + gathered, "resume": training + gathered,
-            "tracker": tracker_host_bytes(params, weight_bytes_per_param, tracker_n, tracker_dp, tracker_bytes)}
+            "tracker": tracker_host_bytes(params, weight_bytes_per_param, tracker_n, tracker_dp, tracker_bytes,
+                                          tracker_storage, tracker_buffer)}
 
 
-def tracker_host_bytes(params: int, weight_bytes_per_param: int, n: int, dp: int, snapshot_bytes: int) -> float:
+def tracker_host_bytes(params: int, weight_bytes_per_param: int, n: int, dp: int, snapshot_bytes: int,
+                       storage: str = "host", buffer: int = 64 << 20) -> float:
     """What track.* adds to a rank's host memory (the formula in the module docstring)."""
     if not n:
         return 0
-    from pma_train.merge.track import GATHER_BYTES
+    if storage == "disk":
+        return buffer * (1 + 3 / dp)
+    return tracker_disk_bytes(params, weight_bytes_per_param, n, dp, snapshot_bytes) + buffer
 
-    return (n * snapshot_bytes + weight_bytes_per_param) * params / dp + GATHER_BYTES
+
+def tracker_disk_bytes(params: int, weight_bytes_per_param: int, n: int, dp: int, snapshot_bytes: int) -> float:
+    """The snapshots and the live share of track.*, per rank: host memory or, track.storage=disk, files."""
+    return (n * snapshot_bytes + weight_bytes_per_param) * params / dp
 
 
 def layer_bytes_per_token(symbol: str, s: Shape, layout: Layout, e: int) -> float:

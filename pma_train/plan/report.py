@@ -94,13 +94,17 @@ def render(plan: dict[str, Any]) -> str:
     add(f"  peak: stage {mem['peak_pp_rank']}, {gib(mem['peak_bytes'])} GiB per GPU "
         "(not counted: communication buffers, CUDA context, fragmentation)")
     add("")
-    tracker = (f"; tracker: track.n={mem['tracker_n']} {mem['tracker_dtype']} snapshots, sharded over DP" if mem["tracker_n"]
-               else "")
+    tracker = (f"; tracker: track.n={mem['tracker_n']} {mem['tracker_dtype']} snapshots, sharded over DP, "
+               f"in {'files (track.storage=disk)' if mem['tracker_storage'] == 'disk' else 'host memory'}"
+               if mem["tracker_n"] else "")
     add(f"  host memory per rank, GiB ({mem['host_device']} job, checkpoint.optimizer_format="
         f"{mem['optimizer_format']}{tracker}; estimate.py says what each holds)")
     host_rows = [(str(r["pp_rank"]), *(gib(r["host_bytes"][k]) for k in ("training", "save", "resume", "tracker")))
                  for r in mem["ranks"]]
     add(_table(("stage", "training", "with a save", "on resume", "+ tracker"), host_rows, text_columns=1))
+    if mem["tracker_n"] and mem["tracker_storage"] == "disk":
+        add("  tracker files per rank (track.dir, with the live share during an evaluation), GiB: "
+            + ", ".join(f"stage {r['pp_rank']} {gib(r['tracker_disk_bytes'])}" for r in mem["ranks"]))
     return "\n".join(lines)
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import time
 
+import torch.distributed as dist
+
+from pma_train.checkpoint.lock import LockError
 from pma_train.checkpoint.retention import prune
-from pma_train.config import JobConfig, track_spacing_iters
+from pma_train.config import JobConfig, track_rank_dir, track_spacing_iters
 from pma_train.merge.track import MergeTracker
+from pma_train.merge.track_store import open_store
 from pma_train.train.hooks import Callback
 
 
@@ -15,7 +19,7 @@ class TrackedMerge(Callback):
     def __init__(self, cfg: JobConfig, model):
         tr = cfg.track
         self.cfg = cfg
-        self.tracker = MergeTracker.for_model(model, tr)
+        self.tracker = MergeTracker.for_model(model, tr, _store_on_every_rank(cfg))
         self.spacing = track_spacing_iters(cfg)
         self.seconds = 0.0  # what the snapshots cost the training loop
 
@@ -23,7 +27,8 @@ class TrackedMerge(Callback):
         if rewound:  # snapshots past the restored state belong to the undone trajectory
             self.tracker.drop_after(trainer.state.iteration)
             return
-        # A resumed run rebuilds its window from the grid checkpoints it already wrote.
+        # A resumed run rebuilds its window from the grid checkpoints it already wrote (a disk store
+        # started empty: what an earlier process left is deleted, never read).
         grid = [i for i in trainer.checkpointer.iterations() if i % self.spacing == 0 and i <= trainer.state.iteration]
         for iteration in grid[-self.cfg.track.n:]:
             with self.tracker.loaded(trainer.model, trainer.checkpointer.path(iteration)):
@@ -56,5 +61,29 @@ class TrackedMerge(Callback):
         trainer.log.log(trainer.state.iteration, {"train_step_seconds": trainer.train_seconds,
                                                   "track_snapshot_seconds": self.seconds,
                                                   "track_overhead": self.seconds / max(trainer.train_seconds, 1e-9),
-                                                  "track_snapshot_bytes": self.tracker.snapshot_bytes()},
+                                                  "track_snapshot_bytes": self.tracker.snapshot_bytes(),
+                                                  "track_disk_bytes": self.tracker.disk_bytes()},
                         kind="track")
+        self.tracker.close()  # a resumed run rebuilds its window from the checkpoints
+
+
+def _store_on_every_rank(cfg: JobConfig):
+    """The snapshots' store (track.storage=disk: in this rank's own directory, as its share differs
+    from every other rank's). A directory another job holds refuses on every rank alike, naming it:
+    no rank is left waiting in a collective for the one that failed."""
+    tr, store, error = cfg.track, None, None
+    if tr.storage == "host":
+        return open_store("host", None, 0)
+    try:
+        store = open_store(tr.storage, track_rank_dir(cfg, dist.get_rank()), tr.buffer_mb << 20,
+                           cfg.checkpoint.force_unlock)
+    except LockError as err:
+        error = str(err)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    refused = next((e for e in errors if e is not None), None)
+    if refused is not None:
+        if store is not None:
+            store.close()
+        raise LockError(f"track.dir: {refused}")
+    return store
