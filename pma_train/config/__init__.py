@@ -1,5 +1,5 @@
-"""Typed configs (`schema.py`) and their validation (`checks.py`); imports nothing of the trainer, the
-model or megatron-core."""
+"""Typed configs (`schema.py`: pma-train's job; `commands.py`: pma-eval's, pma-data's, pma-merge's) and
+their validation (`checks.py`); imports nothing of the trainer, the model or megatron-core."""
 
 from pma_train.config.schema import (  # noqa: F401
     ConfigError,
@@ -20,12 +20,10 @@ from pma_train.config.schema import (  # noqa: F401
     PerfConfig,
     RunConfig,
     JobConfig,
-    EvalConfig,
-    DataPrepConfig,
     to_config,
     to_job_config,
-    MergeConfig,
 )
+from pma_train.config.commands import EvalConfig, DataPrepConfig, MergeConfig  # noqa: F401
 from pma_train.config.checks import (  # noqa: F401
     world_size_from_env,
     track_spacing_iters,

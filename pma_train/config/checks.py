@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from pma_train.config.commands import EvalConfig, MergeConfig
 from pma_train.config.perf import check_perf
 from pma_train.config.schema import (
     ConfigError,
-    EvalConfig,
     JobConfig,
-    MergeConfig,
     MergeWeighting,
     ModelConfig,
     ParallelConfig,
