@@ -1,12 +1,19 @@
 """Real model-parallel DeepSpeed runs for tests/test_deepspeed_parallel.py (CPU, gloo, 2 ranks, torchrun):
 
-  <dir> <json>  every CASE: 3 steps on 2 ranks, a checkpoint after each, in one of two layouts:
+  <dir> <json>  every CASE: 3 steps on 2 ranks, a checkpoint after each, in one of three layouts:
                 - "tp": tensor parallel through an mpu (TP=2, DP=1): each rank its own shard, its
                   files `*mp_rank_0<rank>*`;
                 - "pp": a PipelineModule of 2 stages (PP=2, DP=1): `layer_<LL>-model_states.pt` per
                   layer, stages as mp ranks;
+                - "dp": data parallel (DP=2);
+                a `bf16opt` case runs under DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1 + fp32 gradient
+                accumulation, what Megatron-DeepSpeed bf16 runs use): its partitions keep their padding,
+                its state records no `zero_stage`;
                 then pma-merge's engine merges the 3 checkpoints on these 2 ranks, a DeepSpeed engine
-                of the same layout loads the merge, and every rank writes what it found to <json>.<rank>.
+                of the same layout loads the merge, and every rank writes what it found to <json>.<rank>;
+                rank 0 saves the masters DeepSpeed held after each step of a "dp" case
+                (<dir>/<case>_masters.pt: what DeepSpeed's zero_to_fp32, which does not read
+                BF16_Optimizer files, would reconstruct).
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-# (name, layout, ZeRO stage, dtype)
-CASES = [("tp_z1_fp32", "tp", 1, "fp32"), ("tp_z3_bf16", "tp", 3, "bf16"), ("pp_z1_fp32", "pp", 1, "fp32"),
-         ("pp_z1_bf16", "pp", 1, "bf16")]
+# (name, layout, ZeRO stage, dtype); "dp" first: DeepSpeed keeps the mpu of an earlier engine (its groups)
+CASES = [("dp_z1_bf16opt", "dp", 1, "bf16opt"), ("tp_z1_fp32", "tp", 1, "fp32"), ("tp_z3_bf16", "tp", 3, "bf16"),
+         ("pp_z1_fp32", "pp", 1, "fp32"), ("pp_z1_bf16", "pp", 1, "bf16"), ("pp_z1_bf16opt", "pp", 1, "bf16opt")]
 WEIGHTS = [0.2, 0.3, 0.5]
 STEPS = 3
 
@@ -60,7 +67,7 @@ class TensorParallel:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    return torch.bfloat16 if name == "bf16" else torch.float32
+    return torch.bfloat16 if name.startswith("bf16") else torch.float32
 
 
 def config(stage: int, dtype: str, layout: str) -> dict:
@@ -69,17 +76,20 @@ def config(stage: int, dtype: str, layout: str) -> dict:
            "zero_optimization": {"stage": stage}}
     if layout == "pp":
         cfg["train_batch_size"] = 4  # two micro-batches through the pipeline
-    if dtype == "bf16":
+    if dtype.startswith("bf16"):
         cfg["bf16"] = {"enabled": True}
+    if dtype == "bf16opt":  # bf16, ZeRO-1, fp32 gradient accumulation: DeepSpeed takes its BF16_Optimizer
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     return cfg
 
 
 def engine_for(deepspeed, layout: str, stage: int, dtype: str):
     rank = dist.get_rank()
-    torch.manual_seed(rank)  # tensor-parallel shards differ
-    if layout == "tp":
+    torch.manual_seed(rank if layout == "tp" else 0)  # tensor-parallel shards differ
+    if layout in ("tp", "dp"):  # 135 parameters: the flat buffer padded to 136 at DP=2
         model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
-        engine, *_ = deepspeed.initialize(model=model, config=config(stage, dtype, layout), mpu=TensorParallel())
+        mpu = TensorParallel() if layout == "tp" else None
+        engine, *_ = deepspeed.initialize(model=model, config=config(stage, dtype, layout), mpu=mpu)
         return engine
     from deepspeed.pipe import LayerSpec, PipelineModule
 
@@ -123,6 +133,20 @@ def module_weights(engine, stage: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
+def first_losses(engine, expected: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
+    """The resumed engine's loss on a new batch, the merged model's (plain torch, the weights cast),
+    then a step of the resumed optimizer."""
+    x, y = next(batches(99, dtype))
+    loss = torch.nn.functional.mse_loss(engine(x), y)
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3)).to(dtype)
+    plain.load_state_dict({k: v.to(dtype) for k, v in expected.items()})
+    with torch.no_grad():
+        reference = torch.nn.functional.mse_loss(plain(x), y)
+    engine.backward(loss)
+    engine.step()
+    return {"resumed_loss": loss.item(), "merged_model_loss": reference.item(), "stepped": engine.global_steps}
+
+
 def run(out: Path, results: Path) -> None:
     import deepspeed
 
@@ -148,7 +172,7 @@ def run(out: Path, results: Path) -> None:
         resumed = engine_for(deepspeed, layout, stage, dtype)
         resumed.load_checkpoint(str(merged))
         got, module = masters(resumed), module_weights(resumed, stage)
-        report = {
+        report = {"optimizer": type(resumed.optimizer).__name__,
             "masters_equal": all(torch.equal(got[k], expected[k]) for k in expected),
             "module_equal": all(torch.equal(module[k], expected[k].to(module[k].dtype)) for k in expected),
             "differs_from_newest": any(not torch.equal(expected[k], seen[-1][k]) for k in expected),
@@ -163,6 +187,10 @@ def run(out: Path, results: Path) -> None:
                 torch.equal(value, expected[f"{layer}.{key}"].to(dtype_of(dtype)))
                 for layer, path in paths.items() for key, value in torch.load(path, weights_only=True).items())
             report["layer_files"] = sorted(p.name for p in paths.values())
+        if layout == "dp":
+            report.update(first_losses(resumed, expected, dtype_of(dtype)))
+            if rank == 0:
+                torch.save(seen, out / f"{name}_masters.pt")
         found[name] = report
         dist.barrier()
     Path(f"{results}.{rank}").write_text(json.dumps(found))

@@ -98,7 +98,11 @@ def _stage(model: Archive) -> int:
 def param_shapes(model: Archive) -> list[dict]:
     shapes = model.objects.get("param_shapes")
     if not isinstance(shapes, list):
-        raise DsPlanError(f"{model.path}: no param_shapes")
+        zero0 = bool(model.objects.get("ds_config")) and _stage(model) == 0
+        raise DsPlanError(f"{model.path}: no param_shapes" + (
+            " (a ZeRO stage 0 run, e.g. a bf16 pipeline under DeepSpeed's BF16_Optimizer: DeepSpeed records the "
+            "order of the parameters in its flat *_optim_states.pt partitions only under ZeRO, so where each one "
+            "lies is not known; pma-merge reads checkpoints of ZeRO stage 1, 2 and 3)" if zero0 else ""))
     return [{name: tuple(shape) for name, shape in group.items()} for group in shapes]
 
 
