@@ -5,10 +5,9 @@
                   files `*mp_rank_0<rank>*`;
                 - "pp": a PipelineModule of 2 stages (PP=2, DP=1): `layer_<LL>-model_states.pt` per
                   layer, stages as mp ranks;
-                - "dp": data parallel (DP=2);
-                a `bf16opt` case runs under DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1 + fp32 gradient
-                accumulation, what Megatron-DeepSpeed bf16 runs use): its partitions keep their padding,
-                its state records no `zero_stage`;
+                - "dp": data parallel (DP=2), under DeepSpeed's BF16_Optimizer (`bf16opt`: bf16 + ZeRO-1
+                  + fp32 gradient accumulation, what Megatron-DeepSpeed bf16 runs use): its partitions
+                  keep their padding, its state records no `zero_stage`;
                 then pma-merge's engine merges the 3 checkpoints on these 2 ranks, a DeepSpeed engine
                 of the same layout loads the merge, and every rank writes what it found to <json>.<rank>;
                 rank 0 saves the masters DeepSpeed held after each step of a "dp" case
@@ -30,7 +29,7 @@ import torch.distributed as dist  # noqa: E402
 
 # (name, layout, ZeRO stage, dtype); "dp" first: DeepSpeed keeps the mpu of an earlier engine (its groups)
 CASES = [("dp_z1_bf16opt", "dp", 1, "bf16opt"), ("tp_z1_fp32", "tp", 1, "fp32"), ("tp_z3_bf16", "tp", 3, "bf16"),
-         ("pp_z1_fp32", "pp", 1, "fp32"), ("pp_z1_bf16", "pp", 1, "bf16"), ("pp_z1_bf16opt", "pp", 1, "bf16opt")]
+         ("pp_z1_fp32", "pp", 1, "fp32"), ("pp_z1_bf16", "pp", 1, "bf16")]
 WEIGHTS = [0.2, 0.3, 0.5]
 STEPS = 3
 

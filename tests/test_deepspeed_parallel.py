@@ -1,6 +1,6 @@
 """pma-merge on real model-parallel DeepSpeed checkpoints (CPU, gloo, DS_ACCELERATOR=cpu): tensor
 parallel through an mpu (files of mp ranks 00 and 01) and a 2-stage PipelineModule (layer files);
-and on DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1 + fp32 gradient accumulation) at DP=2 and in a pipeline.
+and DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1 + fp32 gradient accumulation) at DP=2.
 
 One 2-rank launch (tests/ds_parallel_driver.py) trains each case 3 steps, merges its checkpoints on
 those 2 ranks and loads the merge into a DeepSpeed engine of the same layout. Checked against
@@ -9,11 +9,13 @@ every rank equal the fp64 weighted sum of the masters DeepSpeed held after each 
 module weights are those cast, and the pipeline's layer files hold them in the training dtype; at DP=2
 its first loss is the merged model's.
 
-Cost: one torchrun launch (~25 s of CPU on 2 cores); the error cases read files only.
+Cost: one torchrun launch and one 1-rank pma-merge process (~50 s of CPU in all on 2 cores); the error
+cases read files only.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -96,8 +98,11 @@ def test_bf16_optimizer_checkpoints_merge_on_one_rank_and_read_per_parameter(run
     """BF16_Optimizer partitions keep the group's padding and record no zero_stage (DeepSpeed's own
     zero_to_fp32 refuses them): the reference is the masters DeepSpeed held after each step. The
     per-parameter reads of output_format=torch_dist give them bit for bit; pma-merge on one rank writes
-    the files the 2-rank merge wrote (which DeepSpeed resumed from); a ZeRO stage 0 run's files, which
-    record no parameter order, are refused by name."""
+    the files the 2-rank merge wrote (which DeepSpeed resumed from), which DeepSpeed's ds_to_universal
+    reads as the fp64 weighted sum; a ZeRO stage 0 run's files, which record no parameter order, are
+    refused by name."""
+    from deepspeed.checkpoint import ds_to_universal
+
     from pma_train.checkpoint import integrity
     from pma_train.merge.ds.archive import load_objects
     from pma_train.merge.ds.params import positions
@@ -120,9 +125,16 @@ def test_bf16_optimizer_checkpoints_merge_on_one_rank_and_read_per_parameter(run
             whole = torch.zeros(param.numel, dtype=torch.float64)
             read_elements(ds_plan, param, 0, 0, param.numel, whole)
             assert torch.equal(whole.float().view(param.shape), masters[param.name]), (tag, param.name)
+    two = out / f"{case}_merged" / TAGS[-1]
     digests = [{e.path: e for e in integrity.read_checksums(d).files if e.path.endswith(".pt")}
-               for d in (one / TAGS[-1], out / f"{case}_merged" / TAGS[-1])]
+               for d in (one / TAGS[-1], two)]
     assert digests[0] == digests[1] and len(digests[0]) == 3, digests
+    universal = tmp_path / "universal" / TAGS[-1]  # DeepSpeed's own offline reader of BF16_Optimizer files
+    ds_to_universal.main(argparse.Namespace(input_folder=str(two), output_folder=str(universal), num_extract_workers=1,
+                                            num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                            inject_missing_state=True))
+    for name, value in expected.items():
+        assert torch.equal(torch.load(universal / "zero" / name / "fp32.pt", weights_only=True)["param"], value), name
     zero0 = shutil.copytree(tags[0], tmp_path / "zero0" / TAGS[0])  # what a ZeRO stage 0 run saves
     states = load_objects(zero0 / "mp_rank_00_model_states.pt")
     states["param_shapes"], states["ds_config"]["zero_optimization"]["stage"] = None, 0
