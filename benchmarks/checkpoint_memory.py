@@ -109,8 +109,7 @@ def run_phase(phase: str, overrides: list[str]) -> dict:
         if out["rank"] == 0:
             out["checkpoint_bytes"] = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
             out["raw_write_s"] = _raw_write_s(path.parent, out["checkpoint_bytes"])
-    if trainer.ckpt_lock is not None:
-        trainer.ckpt_lock.release()
+    trainer.checkpointer.lock.release()
     return out
 
 
