@@ -128,3 +128,12 @@ def test_bf16_without_the_distributed_optimizer_saves_and_resumes_exactly(tmp_pa
                     nproc=1, cache_dir=cache)
     assert "start iteration 2" in resumed.output and sorted(resumed.losses()) == [3, 4]
     assert resumed.losses() == _after(full.losses(), 2)
+
+
+def test_dp2_ranks_share_the_writing_of_replicated_weights(dp2_bf16):
+    """Every weight the DP replicas share is written once, by one of them, spread by size (Megatron-LM's
+    fully parallel save): neither rank writes most of the checkpoint, so neither stages most of it."""
+    ckpt = dp2_bf16.run_dir / "checkpoints" / layout.iter_dir_name(6)
+    sizes = sorted(p.stat().st_size for p in ckpt.glob("__*_0.distcp"))
+    assert len(sizes) == 2
+    assert sizes[1] / sizes[0] < 1.2, sizes

@@ -159,6 +159,23 @@ def write_results_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def save_strategy():
+    """megatron-core's torch_dist writer with each replicated tensor written by one data-parallel rank,
+    spread by size (Megatron-LM's --ckpt-fully-parallel-save, its default). Without it the first DP
+    rank writes every weight the DP replicas share, and on GPUs stages all of it in its host memory
+    (~model bytes); with it each rank writes and stages ~1/DP of them. Which rank writes a tensor
+    does not change the checkpoint's contents."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
+
+
 def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state: TrainState,
                     args: Namespace | None = None, records: dict | None = None, check_space: bool = True,
                     optim_format: str = optimizer_format.DEFAULT, in_background: bool = False) -> Path:
@@ -189,12 +206,13 @@ def save_checkpoint(root: str | Path, chunks, optimizer, scheduler, train_state:
     write_results_in_process()
     final = root / layout.iter_dir_name(train_state.iteration)
     if in_background:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True, async_strategy="mcore")
+        request = dist_checkpointing.save(state, str(tmp), save_strategy(), async_sharded_save=True,
+                                               async_strategy="mcore")
         # What the sidecar records is taken now: training moves train_state on before the publish.
         train_state, records = copy.deepcopy(train_state), copy.deepcopy(records)
         async_save.start(request, lambda complete: _finish_save(complete, tmp, final, root, train_state, records, need))
         return final
-    _finish_save(lambda: dist_checkpointing.save(state, str(tmp), async_sharded_save=False),
+    _finish_save(lambda: dist_checkpointing.save(state, str(tmp), save_strategy(), async_sharded_save=False),
                  tmp, final, root, train_state, records, need)
     return final
 
