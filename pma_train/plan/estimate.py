@@ -29,10 +29,11 @@ track.* decide it. P = the rank's parameters (its model-parallel shard), dp its 
   training: the process (python, torch, megatron-core, data loader: HOST_BASE, measured on CPU; the
             CUDA runtime's host memory not counted); on a CPU job also everything the GPU columns count
   save:     + what megatron-core's writer stages in host memory before it writes: on a GPU job all
-            the rank writes (DP rank 0 writes the replicated weights, e P, and every rank its optimizer
-            shard, 12 P / dp: fp32 main params, Adam m, v); on a CPU job the tensors that are views
-            of a larger buffer, which it clones: the weights (e P) and, in fp32, the main params
-            (4 P / dp, views of the weights). fully_reshardable adds 12 P / dp + 12 P on every
+            the rank writes (its 1/dp of the replicated weights, e P / dp: the DP ranks share their
+            writing, checkpoint/state.py::save_strategy; and its optimizer shard, 12 P / dp: fp32 main
+            params, Adam m, v); on a CPU job the tensors that are views of a larger buffer, which it
+            clones: its share of the weights (e P / dp) and, in fp32, the main params (4 P / dp, views
+            of the weights). fully_reshardable adds 12 P / dp + 12 P on every
             rank: its optimizer shard copied to contiguous host buffers, and the whole DP group's
             state gathered from them.
   resume:   dp_reshardable reads into the rank's own tensors (+0); fully_reshardable allocates the
@@ -105,13 +106,13 @@ OPTIMIZER_BYTES = 12  # per parameter: fp32 main param (the weight itself in fp3
 def host_bytes(params: int, weight_bytes_per_param: int, dp: int, on_gpu: bool, device_state: float,
                optimizer_format: str, tracker_n: int, tracker_dp: int = 1, tracker_bytes: int = 4,
                tracker_storage: str = "host", tracker_buffer: int = 64 << 20) -> dict[str, float]:
-    """Peak host memory of one rank (the DP rank 0, which writes the replicated weights) while training,
+    """Peak host memory of one rank while training,
     saving and resuming, and what track.* adds; device_state = the rank's GPU figure (weights, grads,
     optimizer, activations), resident in host memory on a CPU job."""
     training = HOST_BASE + (0 if on_gpu else device_state)
     gathered = OPTIMIZER_BYTES * params if optimizer_format == "fully_reshardable" else 0
     local = gathered / dp  # the rank's shard, copied to the contiguous buffers it gathers from
-    staged = weight_bytes_per_param * params + (OPTIMIZER_BYTES if on_gpu else 4) * params / dp
+    staged = (weight_bytes_per_param + (OPTIMIZER_BYTES if on_gpu else 4)) * params / dp
     return {"training": training, "save": training + staged + local + gathered, "resume": training + gathered,
             "tracker": tracker_host_bytes(params, weight_bytes_per_param, tracker_n, tracker_dp, tracker_bytes,
                                           tracker_storage, tracker_buffer)}
