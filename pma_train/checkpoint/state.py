@@ -170,6 +170,8 @@ def save_strategy():
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
     strategy = get_default_save_sharded_strategy()
+    if not parallel_state.model_parallel_is_initialized():  # a model built outside a job (tools, tests)
+        return strategy
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if dist.get_world_size(group) > 1:
         strategy = FullyParallelSaveStrategyWrapper(strategy, group)
